@@ -1,0 +1,41 @@
+"""The LoRA wrapper: any frozen projection plus a trainable low-rank update."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + scaling · dropout(x) Aᵀ Bᵀ.
+
+    ``base`` is any frozen module mapping (..., in) → (..., out): ``nn.Linear``, GPT-2's
+    ``Conv1D`` or :class:`~edgetune.methods.qlora.layer.NF4Linear`. Shapes follow PEFT
+    (``lora_A`` is (r, in), ``lora_B`` is (out, r)) so export is a rename, not a reshape.
+    """
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.scaling = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # PEFT's default: kaiming-uniform A (a = sqrt(5)), zero B, so training starts at the base.
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        y = self.base(x)  # (B, T, out)
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (B, T, r)
+        return y + (h @ self.lora_B.t()).to(y.dtype) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"

@@ -1,0 +1,22 @@
+"""The `qlora` rewrite: NF4-quantize each target projection, then wrap it in LoRA."""
+from __future__ import annotations
+
+from torch import nn
+
+from ...models.arch import ArchSpec, linear_weight
+from ..lora.model import wrap_projections
+from .config import QLoraConfig
+from .layer import NF4Linear
+
+
+def apply(model: nn.Module, config: QLoraConfig, arch: ArchSpec, materialize: bool = True) -> list[str]:
+    def make_base(old: nn.Module) -> nn.Module:
+        weight, bias = linear_weight(old, arch)
+        out_features, in_features = weight.shape
+        if not materialize:
+            return NF4Linear(in_features, out_features, bias is not None, config.blocksize,
+                             config.double_quant, device="meta", dtype=weight.dtype)
+        return NF4Linear.from_weight(weight.detach(), None if bias is None else bias.detach(),
+                                     config.blocksize, config.double_quant)
+
+    return wrap_projections(model, config, arch, materialize, make_base)
