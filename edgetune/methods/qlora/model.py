@@ -6,10 +6,11 @@ from torch import nn
 from ...models.arch import ArchSpec, linear_weight
 from ..lora.model import wrap_projections
 from .config import QLoraConfig
-from .layer import NF4Linear
 
 
 def apply(model: nn.Module, config: QLoraConfig, arch: ArchSpec, materialize: bool = True) -> list[str]:
+    from .layer import NF4Linear  # imports bitsandbytes lazily, only when a qlora model is built
+
     def make_base(old: nn.Module) -> nn.Module:
         weight, bias = linear_weight(old, arch)
         out_features, in_features = weight.shape

@@ -1,0 +1,1 @@
+"""Device profiles shipped as package data (``edgetune.devices``): one TOML file per device."""

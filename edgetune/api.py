@@ -1,0 +1,198 @@
+"""The public Python API. The CLI is a thin layer over these functions.
+
+    model, tok = edgetune.load("default")
+    compiled = edgetune.compile(model, recipe="qlora", device="cpu-16gb", r=16)
+    edgetune.save(compiled, "smol.qlora")
+    result = edgetune.train("smol.qlora", data="train.jsonl", out="run1", steps=100)
+    edgetune.export_adapter("run1", "adapter", format="peft")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import TRAINABLE_FILE, compiled_info, load_compiled as _load_compiled, load_trainable, save_compiled
+from .compiler import compile_model
+from .errors import ArtifactError, EdgetuneError
+from .fsutil import atomic_dir, atomic_file, check_output_path, sha256_file
+from .manifest import artifact_kind, read_manifest, write_manifest
+from .models.loader import load_model
+
+ADAPTER_FORMATS = ("peft", "gguf")
+
+
+def load(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load a base model: a HF directory, a ``.gguf`` file or ``"default"``. Returns (model, tokenizer)."""
+    model, tokenizer, _ = load_model(src, dtype=dtype)
+    model.edgetune_tokenizer = tokenizer
+    return model, tokenizer
+
+
+def compile(model: nn.Module, recipe: str = "qlora", device: str | None = None, **options) -> nn.Module:  # noqa: A001
+    """Rewrite ``model`` in place for a recipe and device profile; see ``edgetune.methods``."""
+    return compile_model(model, recipe, device, **options)
+
+
+def save(compiled: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    tokenizer = tokenizer or getattr(compiled, "edgetune_tokenizer", None)
+    if tokenizer is None:
+        raise EdgetuneError("save needs the tokenizer: pass tokenizer=... or load the model with edgetune.load")
+    return save_compiled(compiled, tokenizer, directory, overwrite=overwrite)
+
+
+def load_compiled(directory: str | os.PathLike):
+    """Load a compiled artifact directory. Returns (model, tokenizer)."""
+    model, tokenizer, _ = _load_compiled(directory)
+    model.edgetune_tokenizer = tokenizer
+    return model, tokenizer
+
+
+def load_run(run_dir: str | os.PathLike):
+    """The compiled model of a run with the run's trained parameters. Returns (model, tokenizer, manifest)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, "run")
+    compiled_dir = Path(manifest["compiled"]["path"])
+    if not compiled_dir.is_dir():
+        raise ArtifactError(f"{run_dir}: its compiled artifact {compiled_dir} is gone")
+    if sha256_file(compiled_dir / "manifest.json") != manifest["compiled"]["manifest_sha256"]:
+        raise ArtifactError(f"{run_dir}: compiled artifact {compiled_dir} changed since this run was trained")
+    model, tokenizer = load_compiled(compiled_dir)
+    load_trainable(model, run_dir / TRAINABLE_FILE)
+    return model, tokenizer, manifest
+
+
+def open_model(target: str | os.PathLike, adapter: str | os.PathLike | None = None, force: bool = False):
+    """Whatever the user named — base model, compiled dir or run dir — as (model, tokenizer)."""
+    kind = artifact_kind(target) if Path(target).is_dir() else None
+    if kind == "compiled":
+        model, tokenizer = load_compiled(target)
+    elif kind == "run":
+        model, tokenizer, _ = load_run(target)
+    elif kind is not None:
+        raise ArtifactError(f"{target} is an edgetune {kind}; expected a model, a compiled directory or a run")
+    else:
+        model, tokenizer = load(target)
+    if adapter is not None:
+        attach_adapter(model, adapter, force=force)
+    return model, tokenizer
+
+
+def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+          overwrite: bool = False, resume: bool = False, progress: bool = True, **options):
+    """Fine-tune a compiled artifact on ``data``; options are :class:`~edgetune.train.loop.TrainConfig` fields."""
+    from .train.data import build_dataset
+    from .train.loop import TrainConfig, train_model
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise EdgetuneError(f"unknown training option(s): {', '.join(unknown)}")
+    config = TrainConfig(**options)
+    out = Path(out)
+    if not resume:
+        check_output_path(out, overwrite)
+    compiled = Path(compiled)
+    model, tokenizer = load_compiled(compiled)
+    check_seq_len(model, config.seq_len)
+    dataset = build_dataset(data, tokenizer, config.seq_len)
+    if resume and not out.is_dir():
+        resume = False
+    if not resume and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    info = {
+        "compiled": {"path": str(compiled.resolve()), "manifest_sha256": sha256_file(compiled / "manifest.json")},
+        "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data), "rows": len(dataset)},
+        "base_sha256": compiled_info(model).source.sha256 if compiled_info(model).source else None,
+    }
+    return train_model(model, dataset, config, out, resume=resume, run_info=info, progress=progress)
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise EdgetuneError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
+
+
+def lora_adapters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every LoRA pair of a compiled model, keyed by the HF module path it adapts."""
+    from .methods.lora.layer import LoraLinear
+
+    return {name: (m.lora_A.detach(), m.lora_B.detach())
+            for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft",  # noqa: A002
+                   dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the trained adapter for a server: a PEFT directory or a llama.cpp GGUF LoRA file."""
+    if format not in ADAPTER_FORMATS:
+        raise EdgetuneError(f"unknown adapter format {format!r}; available: {', '.join(ADAPTER_FORMATS)}")
+    if dtype not in ("float32", "float16"):
+        raise EdgetuneError(f"--dtype must be float32 or float16, got {dtype!r}")
+    check_output_path(out, overwrite)
+    if isinstance(compiled_or_run, nn.Module):
+        model = compiled_or_run
+    else:
+        model, _ = open_model(compiled_or_run)
+    info = compiled_info(model)
+    if not hasattr(info.config, "r"):
+        raise EdgetuneError(f"recipe {info.recipe!r} has no LoRA adapter to export in {format} format")
+    adapters = lora_adapters(model)
+    cfg = info.config
+    targets = sorted({path.rsplit(".", 1)[-1] for path in adapters})
+    base_name = info.source.name if info.source else "unknown"
+    base_sha = info.source.sha256 if info.source else None
+    if format == "peft":
+        from .exporters.peft import export_peft
+
+        with atomic_dir(out, overwrite) as tmp:
+            export_peft(tmp, adapters, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                        base_model_name_or_path=base_name,
+                        fan_in_fan_out=model.config.model_type == "gpt2",
+                        dtype=getattr(torch, dtype))
+            write_manifest(tmp, "adapter", {"adapter_format": "peft", "recipe": info.recipe,
+                                            "base_sha256": base_sha, "base_name": base_name})
+    else:
+        from .exporters.gguf_lora import export_gguf_lora
+
+        with atomic_file(out) as tmp:
+            export_gguf_lora(tmp, adapters, alpha=cfg.alpha, model_config=model.config.to_dict(),
+                             dtype="f16" if dtype == "float16" else "f32")
+    return Path(out)
+
+
+def attach_adapter(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> nn.Module:
+    """Load a PEFT adapter into ``model``: into its LoRA layers, or by adding LoRA to a plain model."""
+    from .exporters.peft import read_peft
+    from .methods.lora.layer import LoraLinear
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ArtifactError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    if (adapter_dir / "manifest.json").is_file():
+        manifest = read_manifest(adapter_dir, "adapter")
+        source = getattr(model, "edgetune_source", None)
+        if (not force and manifest.get("base_sha256") and source is not None
+                and manifest["base_sha256"] != source.sha256):
+            raise ArtifactError(f"{adapter_dir} was trained on a different base (sha256 "
+                                f"{manifest['base_sha256'][:12]}…, this one is {source.sha256[:12]}…); "
+                                "pass --force to apply it anyway")
+    config, adapters = read_peft(adapter_dir)
+    if getattr(model, "edgetune", None) is None:
+        compile_model(model, "lora", r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                      target_modules=tuple(config["target_modules"]), dtype=str(model.dtype).removeprefix("torch."))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for path, (a, b) in adapters.items():
+            layer = modules.get(path)
+            if not isinstance(layer, LoraLinear) or layer.lora_A.shape != a.shape or layer.lora_B.shape != b.shape:
+                raise ArtifactError(f"{adapter_dir}: adapter for {path} does not fit this model")
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+            layer.scaling = float(config["lora_alpha"]) / int(config["r"])
+    return model

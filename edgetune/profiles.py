@@ -1,0 +1,104 @@
+"""Device profiles: what a target device offers (memory, dtypes, bandwidth, compute).
+
+Profiles ship as ``devices/*.toml`` (installed as ``edgetune.devices``). A user can also pass a
+path to their own TOML file. Every field is validated, and a bad one is named in the error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import EdgetuneError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    accelerator: str  # "cpu" or "cuda"
+    total_memory_gib: float
+    usable_memory_gib: float
+    compute_capability: str
+    dtypes: tuple[str, ...]
+    default_dtype: str
+    memory_bandwidth_gbps: float
+    peak_tflops: float
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.usable_memory_gib * 2**30)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtypes"] = list(self.dtypes)
+        return d
+
+
+_NUMBER_FIELDS = ("total_memory_gib", "usable_memory_gib", "memory_bandwidth_gbps", "peak_tflops")
+
+
+def parse_profile(data: dict, origin: str) -> DeviceProfile:
+    """Validate a decoded TOML table; ``origin`` names the file in errors."""
+    if not isinstance(data, dict):
+        raise EdgetuneError(f"{origin}: a device profile must be a TOML table")
+    values = {}
+    for f in dataclasses.fields(DeviceProfile):
+        if f.name not in data:
+            raise EdgetuneError(f"{origin}: missing field {f.name!r}")
+        values[f.name] = data[f.name]
+    extra = sorted(set(data) - set(values))
+    if extra:
+        raise EdgetuneError(f"{origin}: unknown field(s) {', '.join(extra)}")
+    for key in ("name", "description", "accelerator", "compute_capability", "default_dtype"):
+        if not isinstance(values[key], str) or not values[key]:
+            raise EdgetuneError(f"{origin}: field {key!r} must be a non-empty string")
+    for key in _NUMBER_FIELDS:
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1e6):
+            raise EdgetuneError(f"{origin}: field {key!r} must be a positive number, got {v!r}")
+        values[key] = float(v)
+    if values["usable_memory_gib"] > values["total_memory_gib"]:
+        raise EdgetuneError(f"{origin}: field 'usable_memory_gib' exceeds 'total_memory_gib'")
+    if values["accelerator"] not in ("cpu", "cuda"):
+        raise EdgetuneError(f"{origin}: field 'accelerator' must be 'cpu' or 'cuda'")
+    dtypes = values["dtypes"]
+    if not isinstance(dtypes, list) or not dtypes or any(d not in DTYPES for d in dtypes):
+        raise EdgetuneError(f"{origin}: field 'dtypes' must be a non-empty list of {', '.join(DTYPES)}")
+    values["dtypes"] = tuple(dtypes)
+    if values["default_dtype"] not in dtypes:
+        raise EdgetuneError(f"{origin}: field 'default_dtype' must be one of the profile's dtypes")
+    return DeviceProfile(**values)
+
+
+def _load_toml(path: Path, origin: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise EdgetuneError(f"{origin}: invalid TOML ({exc})") from None
+
+
+def builtin_profiles() -> dict[str, DeviceProfile]:
+    out = {}
+    for entry in sorted(resources.files("edgetune.devices").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            profile = parse_profile(tomllib.loads(entry.read_text(encoding="utf-8")), entry.name)
+            out[profile.name] = profile
+    return out
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A built-in profile by name, or a user's TOML file by path."""
+    profiles = builtin_profiles()
+    if name_or_path in profiles:
+        return profiles[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise EdgetuneError(f"no such device profile file: {path}")
+        return parse_profile(_load_toml(path, str(path)), str(path))
+    raise EdgetuneError(f"unknown device {name_or_path!r}; available: {', '.join(profiles)}")
