@@ -83,9 +83,9 @@ def open_model(target: str | os.PathLike, adapter: str | os.PathLike | None = No
 
 def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
           overwrite: bool = False, resume: bool = False, progress: bool = True, **options):
-    """Fine-tune a compiled artifact on ``data``; options are :class:`~edgetune.train.loop.TrainConfig` fields."""
-    from .train.data import build_dataset
-    from .train.loop import TrainConfig, train_model
+    """Fine-tune a compiled artifact on ``data``; options are :class:`~edgetune.training.loop.TrainConfig` fields."""
+    from .training.data import build_dataset
+    from .training.loop import TrainConfig, train_model
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - fields)

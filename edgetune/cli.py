@@ -76,7 +76,7 @@ def _recipe_configs():
 
 
 def _train_config():
-    from .train.loop import TrainConfig
+    from .training.loop import TrainConfig
 
     return TrainConfig
 
@@ -162,7 +162,7 @@ def export_cmd(run, fmt, out, dtype, overwrite):
 
 def _load_eval_data(path, tokenizer, seq_len, model):
     from .api import check_seq_len
-    from .train.data import build_dataset
+    from .training.data import build_dataset
 
     check_seq_len(model, seq_len)
     return build_dataset(path, tokenizer, seq_len)

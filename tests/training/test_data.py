@@ -1,4 +1,4 @@
-"""edgetune.train.data: formats, label masks, packing, errors and resumable batch order."""
+"""edgetune.training.data: formats, label masks, packing, errors and resumable batch order."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgetune.errors import ArtifactError, DataError
-from edgetune.train.data import (
+from edgetune.training.data import (
     IGNORE_INDEX, BatchIterator, Record, TokenDataset, build_dataset, read_records, tokenize_record,
 )
 
