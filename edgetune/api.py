@@ -82,7 +82,7 @@ def open_model(target: str | os.PathLike, adapter: str | os.PathLike | None = No
 
 
 def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-          overwrite: bool = False, resume: bool = False, progress: bool = True, **options):
+          overwrite: bool = False, resume: bool = False, progress: bool = True, force: bool = False, **options):
     """Fine-tune a compiled artifact on ``data``; options are :class:`~edgetune.training.loop.TrainConfig` fields."""
     from .training.data import build_dataset
     from .training.loop import TrainConfig, train_model
@@ -98,6 +98,7 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     compiled = Path(compiled)
     model, tokenizer = load_compiled(compiled)
     check_seq_len(model, config.seq_len)
+    check_plan(model, config.batch, config.seq_len, force)
     dataset = build_dataset(data, tokenizer, config.seq_len)
     if resume and not out.is_dir():
         resume = False
@@ -117,6 +118,17 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise EdgetuneError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
+
+
+def check_plan(model: nn.Module, batch: int, seq_len: int, force: bool = False) -> None:
+    """Refuse a batch/seq_len that the planner says overflows the compiled device profile."""
+    from .planner import format_bytes, plan_for_model
+
+    plan = plan_for_model(model, batch, seq_len)
+    if plan is not None and not plan.fits and not force:
+        raise EdgetuneError(f"batch {batch} x seq-len {seq_len} needs {format_bytes(plan.total_bytes)} but "
+                            f"{plan.device} has {format_bytes(plan.budget_bytes)}; {plan.suggestion} "
+                            "(or pass --force)")
 
 
 def lora_adapters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -43,7 +43,10 @@ def compiled_info(model: nn.Module) -> CompileInfo:
 
 def save_compiled(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False,
                   extra: dict | None = None) -> Path:
+    from .planner import plan_for_model
+
     info = compiled_info(model)
+    plan = plan_for_model(model)
     trainable = set(trainable_parameters(model))
     state, aliases = dedup_shared(model.state_dict())
     with atomic_dir(out, overwrite) as tmp:
@@ -57,6 +60,7 @@ def save_compiled(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite
             "trainable": sorted(trainable),
             "tied": aliases,
             "rewritten": info.rewritten,
+            "plan": plan.to_dict() if plan is not None else None,
             **(extra or {}),
         })
     return Path(out)

@@ -135,12 +135,13 @@ def compile_cmd(model, recipe, device, out, overwrite, **options):
 @click.option("--out", required=True, type=click.Path(), help="run directory to write")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its newest valid checkpoint")
+@click.option("--force", is_flag=True, help="train even if the planner says it does not fit the device")
 @train_options
-def train_cmd(compiled, data, out, overwrite, resume, **options):
+def train_cmd(compiled, data, out, overwrite, resume, force, **options):
     """Fine-tune a COMPILED artifact directory on --data."""
     from . import api
 
-    result = api.train(compiled, data, out, overwrite=overwrite, resume=resume,
+    result = api.train(compiled, data, out, overwrite=overwrite, resume=resume, force=force,
                        **_given(train_options.fields, options))
     click.echo(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.last_loss:.4f}; run in {out}")
 
@@ -222,6 +223,52 @@ def devices_cmd(as_json):
         table.add_row(p.name, p.accelerator, f"{p.usable_memory_gib:g} / {p.total_memory_gib:g}",
                       p.compute_capability, ",".join(p.dtypes), f"{p.memory_bandwidth_gbps:g}", f"{p.peak_tflops:g}")
     Console(width=120).print(table)
+
+
+@cli.command("plan")
+@click.argument("model")
+@click.option("--device", default="cpu-16gb", show_default=True, help="device profile name or TOML file")
+@click.option("--recipe", default="qlora", show_default=True, help="lora | qlora")
+@click.option("--r", "rank", default=16, show_default=True, type=int, help="LoRA rank")
+@click.option("--seq-len", default=None, type=int, help="sequence length (default: the largest that fits)")
+@click.option("--batch", default=None, type=int, help="batch size (default: the largest that fits)")
+@click.option("--dtype", default=None, help="compute dtype (default: the profile's)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--png", type=click.Path(), default=None, help="write the breakdown as a bar chart")
+def plan_cmd(model, device, recipe, rank, seq_len, batch, dtype, as_json, png):
+    """Will MODEL fine-tune on DEVICE? Memory breakdown, and the batch/seq-len that fit."""
+    from .planner import JobSpec, choose, format_bytes, shape_for
+    from .profiles import load_profile
+
+    if recipe not in ("lora", "qlora"):
+        raise EdgetuneError(f"the planner knows recipes lora and qlora, not {recipe!r}")
+    profile = load_profile(device)
+    job = JobSpec(recipe, rank, dtype=dtype or profile.default_dtype)
+    plan = choose(shape_for(model), job, profile, batch, seq_len)
+    if png:
+        from .plots import plot_plan
+
+        plot_plan(plan, png, title=f"{model} · {recipe} · {profile.name}")
+    if as_json:
+        _echo_json(plan.to_dict())
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("component", "bytes", title=f"{model} · {recipe} on {profile.name} · batch {plan.batch} x "
+                                                   f"seq {plan.seq_len}")
+        for name, n in plan.components.items():
+            table.add_row(name, format_bytes(n))
+        for name, n in plan.activations.items():
+            table.add_row(f"  activations: {name}", format_bytes(n))
+        table.add_row("[bold]total", f"[bold]{format_bytes(plan.total_bytes)}")
+        table.add_row("usable on device", format_bytes(plan.budget_bytes))
+        Console(width=100).print(table)
+        click.echo(f"estimated step time on {profile.name}: {plan.step_time_s:.2f} s")
+    if not plan.fits:
+        raise EdgetuneError(f"does not fit: needs {format_bytes(plan.total_bytes)} of "
+                            f"{format_bytes(plan.budget_bytes)} at batch {plan.batch} x seq {plan.seq_len}; "
+                            f"{plan.suggestion}")
 
 
 @cli.command("recipes")
