@@ -1,0 +1,110 @@
+"""Planner accuracy on the real default model: predicted vs measured saved bytes and peak RSS.
+
+Prints a table; asserts nothing. For each configuration a FRESH process loads a compiled
+artifact (meta-device load, no fp32 copy), records its RSS after imports (the interpreter
+baseline), runs training steps, and reports the saved-for-backward bytes of the first step
+(saved-tensor hooks over unique storages, parameters excluded) and its peak RSS (VmHWM).
+
+    python benchmarks/planner_accuracy.py            # lora + qlora, 2x128 and 4x256
+    python benchmarks/planner_accuracy.py --quick    # one small configuration
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(compiled: str, batch: int, seq: int, steps: int) -> None:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import edgetune
+    from edgetune.memory import SavedTensorCounter
+    from edgetune.planner import plan_for_model
+
+    baseline = rss_bytes()
+    model, tok = edgetune.load_compiled(compiled)
+    plan = plan_for_model(model, batch, seq)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    model.train()
+    saved = None
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step == 0:
+            with SavedTensorCounter(model) as counter:
+                loss = model(input_ids=ids, labels=ids).loss
+            saved = counter.bytes
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+    step_s = (time.perf_counter() - t0) / steps
+    print(json.dumps({"baseline": baseline, "peak": vm_hwm_bytes(), "saved": saved, "step_s": step_s,
+                      "pred_saved": plan.components["activations"], "pred_total": plan.total_bytes,
+                      "pred_step_s": plan.step_time_s}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--worker", nargs=4, metavar=("DIR", "BATCH", "SEQ", "STEPS"))
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), int(args.worker[3]))
+        return
+
+    import edgetune
+
+    recipes = ["qlora"] if args.quick else ["lora", "qlora"]
+    sizes = [(1, 64)] if args.quick else [(2, 128), (4, 256)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in recipes:
+            model, tok = edgetune.load("default")
+            edgetune.save(edgetune.compile(model, recipe, "cpu-16gb"), Path(tmp) / recipe, tok)
+            del model
+            for batch, seq in sizes:
+                out = subprocess.run([sys.executable, __file__, "--worker", str(Path(tmp) / recipe), str(batch),
+                                      str(seq), str(args.steps)], capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                measured_peak = r["peak"] - r["baseline"]
+                rows.append((recipe, f"{batch}x{seq}", r["pred_saved"], r["saved"], r["pred_total"], measured_peak,
+                             r["pred_step_s"], r["step_s"]))
+    mib = 2**20
+    print(f"load average {os.getloadavg()[0]:.1f} (2 cores); peak = VmHWM - RSS after imports, fresh process")
+    print("| recipe | batch x seq | saved pred MiB | saved meas MiB | err | peak pred MiB | peak meas MiB | err "
+          "| step pred s | step meas s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for recipe, size, ps, ms, pp, mp, pt, mt in rows:
+        print(f"| {recipe} | {size} | {ps / mib:.1f} | {ms / mib:.1f} | {100 * (ps - ms) / ms:+.1f}% | {pp / mib:.0f} "
+              f"| {mp / mib:.0f} | {100 * (pp - mp) / mp:+.1f}% | {pt:.2f} | {mt:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
