@@ -14,7 +14,6 @@ the base is ever made.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -132,7 +131,3 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
             if state[name].shape != p.shape:
                 raise ArtifactError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(state[name])
-
-
-def manifest_json(directory: str | os.PathLike) -> str:
-    return json.dumps(read_manifest(directory), indent=2)

@@ -6,7 +6,6 @@ the ground truth the planner's formulas are tested against.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -56,8 +55,3 @@ def saved_bytes_of_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> int
         loss = model(**batch).loss
     del loss
     return counter.bytes
-
-
-@contextlib.contextmanager
-def no_op():
-    yield
