@@ -95,6 +95,8 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     out = Path(out)
     if not resume:
         check_output_path(out, overwrite)
+    elif out.exists() and not out.is_dir():
+        raise EdgetuneError(f"--resume: {out} is not a run directory")
     compiled = Path(compiled)
     model, tokenizer = load_compiled(compiled)
     check_seq_len(model, config.seq_len)
@@ -105,7 +107,7 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
     if not resume and out.exists():
         import shutil
 
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
     info = {
         "compiled": {"path": str(compiled.resolve()), "manifest_sha256": sha256_file(compiled / "manifest.json")},
         "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data), "rows": len(dataset)},
@@ -195,9 +197,18 @@ def attach_adapter(model: nn.Module, adapter_dir: str | os.PathLike, force: bool
                                 f"{manifest['base_sha256'][:12]}…, this one is {source.sha256[:12]}…); "
                                 "pass --force to apply it anyway")
     config, adapters = read_peft(adapter_dir)
+    try:  # a foreign adapter's config is unchecked input: r and alpha must describe its tensors
+        r, alpha, targets = int(config["r"]), float(config["lora_alpha"]), tuple(config["target_modules"])
+        if (r < 1 or alpha != alpha or not adapters or not all(isinstance(t, str) for t in targets)
+                or any(a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r
+                       for a, b in adapters.values())):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise ArtifactError(f"{adapter_dir / 'adapter_config.json'}: r, lora_alpha or target_modules are missing "
+                            "or do not match the adapter's tensors") from None
     if getattr(model, "edgetune", None) is None:
-        compile_model(model, "lora", r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                      target_modules=tuple(config["target_modules"]), dtype=str(model.dtype).removeprefix("torch."))
+        compile_model(model, "lora", r=r, alpha=alpha, target_modules=targets,
+                      dtype=str(model.dtype).removeprefix("torch."))
     modules = dict(model.named_modules())
     with torch.no_grad():
         for path, (a, b) in adapters.items():
@@ -206,5 +217,5 @@ def attach_adapter(model: nn.Module, adapter_dir: str | os.PathLike, force: bool
                 raise ArtifactError(f"{adapter_dir}: adapter for {path} does not fit this model")
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-            layer.scaling = float(config["lora_alpha"]) / int(config["r"])
+            layer.scaling = alpha / r
     return model

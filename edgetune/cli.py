@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="edgetune", standalone_mode=False)
     except EdgetuneError as exc:
         click.echo(f"edgetune: error: {exc}", err=True)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2; 130 for a run interrupted after its checkpoint
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

@@ -6,6 +6,7 @@ path to their own TOML file. Every field is validated, and a bad one is named in
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -78,7 +79,7 @@ def parse_profile(data: dict, origin: str) -> DeviceProfile:
 def _load_toml(path: Path, origin: str) -> dict:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
         raise EdgetuneError(f"{origin}: invalid TOML ({exc})") from None
 
 
@@ -97,8 +98,8 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     if name_or_path in profiles:
         return profiles[name_or_path]
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
+    if path.suffix == ".toml" or os.path.exists(path):  # os.path: False, not OSError, for a too-long name
+        if not os.path.isfile(path):
             raise EdgetuneError(f"no such device profile file: {path}")
         return parse_profile(_load_toml(path, str(path)), str(path))
     raise EdgetuneError(f"unknown device {name_or_path!r}; available: {', '.join(profiles)}")

@@ -169,7 +169,7 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[tor
         raise ArtifactError(f"{d} has no {WEIGHTS_NAME} (only safetensors adapters are read)")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"cannot read {cfg_path}: {exc}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ArtifactError(f"{cfg_path} is not a LoRA adapter config (peft_type must be LORA)")

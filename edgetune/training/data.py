@@ -181,10 +181,15 @@ def _read_jsonl(path: Path, max_records: int | None) -> list[Record]:
                 continue
             try:
                 obj = json.loads(line.rstrip("\r\n"))
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape parses but is not text
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
             except RecursionError:
                 raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
+            except UnicodeEncodeError:
+                raise DataError(f"{where}: invalid JSON (a \\u escape is a lone UTF-16 surrogate, not text)") from None
+            except ValueError:  # an integer past Python's 4300-digit limit
+                raise DataError(f"{where}: invalid JSON (a number too long)") from None
             kind, payload = _parse_object(obj, where)
             records.append(Record(kind, payload, lineno, str(path)))
     return records

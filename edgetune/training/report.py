@@ -25,21 +25,40 @@ def memory_label() -> str:
     return f"{rss_mib() / 1024:.2f} GiB RSS"
 
 
+def _parse_line(line: str) -> dict | None:
+    """One metrics record, or None for a blank line or one torn by a kill mid-write."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsLog:
     """Append-only JSONL, flushed per line so a killed run keeps every step it finished."""
 
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and path.exists():
-            # On resume, drop lines past the checkpoint so steps are not duplicated.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # On resume, drop lines past the checkpoint (and any torn line) so steps are not duplicated.
+            kept = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                record = _parse_line(line)
+                if record is not None and record["step"] <= truncate_after_step:
+                    kept.append(line)
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+
+    def sync(self) -> None:
+        """Flush to the disk itself (before a checkpoint copies the file)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()
@@ -48,7 +67,8 @@ class MetricsLog:
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = (_parse_line(line) for line in path.read_text(encoding="utf-8", errors="replace").splitlines())
+    return [r for r in records if r is not None]
 
 
 def plot_loss(metrics: list[dict], out: Path, title: str = "training loss") -> None:
