@@ -55,7 +55,10 @@ def load_run(run_dir: str | os.PathLike):
     """The compiled model of a run with the run's trained parameters. Returns (model, tokenizer, manifest)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir, "run")
-    compiled_dir = Path(manifest["compiled"]["path"])
+    ref = manifest["compiled"]
+    compiled_dir = Path(ref["path"])
+    if ref.get("relpath") and (run_dir / ref["relpath"]).is_dir():
+        compiled_dir = run_dir / ref["relpath"]
     if not compiled_dir.is_dir():
         raise ArtifactError(f"{run_dir}: its compiled artifact {compiled_dir} is gone")
     if sha256_file(compiled_dir / "manifest.json") != manifest["compiled"]["manifest_sha256"]:
@@ -109,7 +112,10 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
 
         shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
     info = {
-        "compiled": {"path": str(compiled.resolve()), "manifest_sha256": sha256_file(compiled / "manifest.json")},
+        # The relative path keeps a run valid when it moves together with its compiled artifact
+        # (the quickstart builds both in a temporary directory, then renames it into place).
+        "compiled": {"path": str(compiled.resolve()), "relpath": os.path.relpath(compiled.resolve(), out.resolve()),
+                     "manifest_sha256": sha256_file(compiled / "manifest.json")},
         "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data), "rows": len(dataset)},
         "base_sha256": compiled_info(model).source.sha256 if compiled_info(model).source else None,
     }

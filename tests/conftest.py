@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+# Tiny models run fastest on one thread, and subprocesses inherit this; the real-model test
+# raises the thread count for itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

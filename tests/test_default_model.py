@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,15 @@ pytestmark = [
 ]
 
 
-def test_qlora_on_default_model_lowers_heldout_loss(tmp_path):
+@pytest.fixture
+def all_cores():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_qlora_on_default_model_lowers_heldout_loss(tmp_path, all_cores):
     model, tok = edgetune.load("default")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     plain = copy.deepcopy(model)

@@ -100,6 +100,9 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
     source = resolve_source(src)
     path = Path(source.path)
+    if source.kind == "hf-dir" and not any(path.glob("*.safetensors")):
+        raise EdgetuneError(f"{path} has no safetensors weights; edgetune never loads pickled .bin checkpoints "
+                            "(convert them to safetensors first)")
     try:
         with _quiet():
             if source.kind in ("gguf", "default"):
@@ -115,7 +118,7 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
                 model.is_quantized = False
             else:
                 tokenizer = AutoTokenizer.from_pretrained(str(path))
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except EdgetuneError:
         raise
     except Exception as exc:  # transformers/gguf raise many types for a bad file

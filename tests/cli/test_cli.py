@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_corrupt_models(capsys, tmp_path, tiny_hf_dir):
     code, _, err = run(capsys, "compile", bad_gguf, "--out", tmp_path / "o1")
     assert_one_line_error(code, err, "cannot load model")
     bad_dir = tmp_path / "bad-hf"
-    bad_dir.mkdir()
+    shutil.copytree(tiny_hf_dir, bad_dir)
     (bad_dir / "config.json").write_text("{not json")
     code, _, err = run(capsys, "compile", bad_dir, "--out", tmp_path / "o2")
     assert_one_line_error(code, err, "cannot load model")
@@ -168,7 +169,12 @@ def test_corrupt_models(capsys, tmp_path, tiny_hf_dir):
         (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     code, _, err = run(capsys, "compile", truncated, "--out", tmp_path / "o3")
     assert_one_line_error(code, err, "cannot load model")
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    code, _, err = run(capsys, "compile", no_weights, "--out", tmp_path / "o4")
+    assert_one_line_error(code, err, "no safetensors weights")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4"))
 
 
 def test_unknown_recipe_and_device(capsys, tiny_hf_dir, tmp_path):

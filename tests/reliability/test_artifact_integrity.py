@@ -355,8 +355,6 @@ def test_no_pickle_anywhere_in_the_package():
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=True, reason="edgetune/models/loader.py calls from_pretrained without use_safetensors=True, "
-                                       "so a pytorch_model.bin (a pickle, read with torch.load) is still accepted")
 def test_a_pickled_checkpoint_is_never_loaded(capsys, tmp_path, tiny_hf_dir):
     d = tmp_path / "bin-only"
     shutil.copytree(tiny_hf_dir, d)
