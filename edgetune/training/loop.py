@@ -99,6 +99,15 @@ class _Interrupts:
         return False
 
 
+def _raise_disk_full(exc: OSError, run_dir: Path, hint: str):
+    """Re-raise a full disk as a one-line error that says how to resume; anything else as it was."""
+    if isinstance(exc, DiskFull):
+        raise DiskFull(f"{exc}; {hint}") from None
+    if is_disk_full(exc):
+        raise disk_full_error(run_dir, exc, hint) from None
+    raise exc
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Path):
     """Only one process trains into a run directory at a time (the kernel drops the lock on a kill)."""
@@ -396,12 +405,8 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                                       + (f"the checkpoint of step {last_saved} is intact; continue with the same "
                                          "command plus --resume" if last_saved else "no checkpoint was written")
                                       ) from None
-        except DiskFull as exc:
-            raise DiskFull(f"{exc}; {resume_hint()}") from None
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full_error(run_dir, exc, resume_hint()) from None
-            raise
+        except (DiskFull, OSError) as exc:
+            _raise_disk_full(exc, run_dir, resume_hint())
         except (MemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -423,10 +428,6 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                    "last_loss": metrics[-1]["loss"] if metrics else None}
         write_manifest(run_dir, "run", {"train_config": dataclasses.asdict(config), "summary": summary,
                                         **run_info})
-    except DiskFull as exc:
-        raise DiskFull(f"{exc}; {resume_hint()}") from None
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(run_dir, exc, resume_hint()) from None
-        raise
+    except (DiskFull, OSError) as exc:
+        _raise_disk_full(exc, run_dir, resume_hint())
     return TrainResult(run_dir, total, summary["first_loss"], summary["last_loss"], metrics)

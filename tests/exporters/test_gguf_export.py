@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from edgetune.errors import EdgetuneError
 from edgetune.exporters.gguf_lora import (
     export_gguf_lora,

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 from edgetune.errors import EdgetuneError
 from edgetune.exporters.peft import VLLM_RANKS, export_peft, read_peft
 from edgetune.methods.lora.layer import LoraLinear

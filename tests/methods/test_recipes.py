@@ -13,7 +13,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.methods.lora.layer import LoraLinear
 from edgetune.methods.qlora.layer import NF4Linear
 
-from conftest import build_tiny_model
+from tiny_models import build_tiny_model
 
 ARCHS = ("llama", "qwen2", "gpt2")
 RECIPES = ("lora", "qlora")
@@ -25,6 +25,25 @@ def _randomize_lora(model, seed=0):
         for m in model.modules():
             if isinstance(m, LoraLinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def _copy_dequantized_base(qlora_model, plain):
+    """Give a plain model the NF4-dequantized weights of a qlora model's projections."""
+    with torch.no_grad():
+        for name, m in qlora_model.named_modules():
+            if isinstance(m, LoraLinear):
+                plain.get_submodule(name).weight.copy_(m.base.dequantize(torch.float32))
+
+
+def _peft_logit_diff(model, plain, adapter_dir, vocab) -> float:
+    """Export ``model``'s adapter, load it with PEFT over ``plain``, return the max logit difference."""
+    from peft import PeftModel
+
+    edgetune.export_adapter(model, adapter_dir)
+    peft_model = PeftModel.from_pretrained(plain, str(adapter_dir)).eval()
+    ids = _batch(vocab)
+    with torch.no_grad():
+        return (peft_model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
 
 
 def _batch(vocab, b=2, t=12, seed=0):
@@ -86,40 +105,23 @@ def test_target_subset(tiny_llama):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_export_matches_peft(arch, tiny_tokenizer, tmp_path):
-    from peft import PeftModel
-
     vocab = len(tiny_tokenizer)
     base = build_tiny_model(arch, vocab)
     plain = copy.deepcopy(base)
     model = compile_model(base, "lora", r=8)
     _randomize_lora(model)
-    edgetune.export_adapter(model, tmp_path / "adapter")
-    peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
-    ids = _batch(vocab)
-    with torch.no_grad():
-        diff = (peft_model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
-    assert diff <= 1e-3
+    assert _peft_logit_diff(model, plain, tmp_path / "adapter", vocab) <= 1e-3
 
 
 def test_qlora_export_matches_peft_over_dequantized_base(tiny_tokenizer, tmp_path):
     """A qlora adapter on a server: PEFT over the NF4-dequantized base gives edgetune's logits."""
-    from peft import PeftModel
-
     vocab = len(tiny_tokenizer)
     base = build_tiny_model("llama", vocab)
     plain = copy.deepcopy(base)
     model = compile_model(base, "qlora", r=8, double_quant=True)
     _randomize_lora(model)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, LoraLinear):
-                plain.get_submodule(name).weight.copy_(m.base.dequantize(torch.float32))
-    edgetune.export_adapter(model, tmp_path / "adapter")
-    peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
-    ids = _batch(vocab)
-    with torch.no_grad():
-        diff = (peft_model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
-    assert diff <= 1e-3
+    _copy_dequantized_base(model, plain)
+    assert _peft_logit_diff(model, plain, tmp_path / "adapter", vocab) <= 1e-3
 
 
 def _train_steps(model, vocab, steps=5, eval_first=False):
@@ -160,10 +162,7 @@ def test_qlora_gradients_match_dense_dequantized_lora(tiny_tokenizer):
     base = build_tiny_model("llama", vocab)
     q = compile_model(copy.deepcopy(base), "qlora", r=8)
     dense_base = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, m in q.named_modules():
-            if isinstance(m, LoraLinear):
-                dense_base.get_submodule(name).weight.copy_(m.base.dequantize(torch.float32))
+    _copy_dequantized_base(q, dense_base)
     d = compile_model(dense_base, "lora", r=8)
     _randomize_lora(q)
     _randomize_lora(d)
