@@ -291,7 +291,7 @@ def shipped_data(name: str) -> Path:
 @click.option("--device", default="cpu-16gb", show_default=True)
 @click.option("--out", default="edgetune-quickstart", show_default=True, type=click.Path(),
               help="workspace for the compiled dir, run and adapter")
-@click.option("--steps", default=40, show_default=True, type=int)
+@click.option("--steps", default=30, show_default=True, type=int)
 @click.option("--batch", default=4, show_default=True, type=int)
 @click.option("--seq-len", default=128, show_default=True, type=int)
 @click.option("--lr", default=1e-3, show_default=True, type=float)
