@@ -42,7 +42,7 @@ def test_qlora_on_default_model_lowers_heldout_loss(tmp_path, all_cores):
     heldout = build_dataset(DATA / "instructions_heldout.jsonl", tok, 128)
     before = evaluate_loss(compiled, heldout)
     result = edgetune.train(tmp_path / "compiled", DATA / "instructions.jsonl", tmp_path / "run", steps=30,
-                            batch=2, seq_len=128, lr=1e-3, progress=False)
+                            batch=1, seq_len=128, lr=1e-3, progress=False)
     assert len(result.metrics) == 30
     trained, tok2, _ = edgetune.load_run(tmp_path / "run")
     after = evaluate_loss(trained, heldout)
