@@ -199,6 +199,13 @@ def test_too_little_calibration_text_says_how_much_is_needed(tiny_tokenizer, tmp
     assert "\n" not in str(info.value)
 
 
+def test_calibration_longer_than_the_context_is_refused(tiny_tokenizer):
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    model.edgetune_tokenizer = tiny_tokenizer
+    with pytest.raises(EdgetuneError, match="beyond the model's context of 256"):
+        compile_model(model, "sketchtune", calib_seq_len=512, calib_samples=2)
+
+
 def test_config_validation():
     for bad in ({"bits": 5}, {"groups_per_row": 3}, {"calib_samples": 0}, {"damp": 0.0}):
         with pytest.raises(ValueError):

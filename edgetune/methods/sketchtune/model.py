@@ -253,6 +253,9 @@ def _materialize(model: nn.Module, config: SketchTuneConfig, arch: ArchSpec, pat
     if tokenizer is None:
         raise EdgetuneError("sketchtune needs the tokenizer to read its calibration text: load the model with "
                             "edgetune.load (or set model.edgetune_tokenizer)")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and config.calib_seq_len > limit:
+        raise EdgetuneError(f"--calib-seq-len {config.calib_seq_len} is beyond the model's context of {limit} tokens")
     ids = calibration_ids(tokenizer, config)
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(ids.max()) >= vocab:
