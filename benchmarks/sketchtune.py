@@ -221,7 +221,7 @@ def _finetune(model, batches, lr, heldout, warmup=3) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     after = evaluate_loss(model, heldout)["loss"]
     model.eval()
     return {"heldout_before": before, "heldout_after": after, "step_s": statistics.median(times[1:] or times),
@@ -310,8 +310,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--sketch-lr", type=float, nargs="+", default=[1e-4, 3e-4])
-    parser.add_argument("--lora-lr", type=float, nargs="+", default=[3e-4, 1e-3])
+    parser.add_argument("--sketch-lr", type=float, nargs="*", default=[1e-4, 3e-4])
+    parser.add_argument("--lora-lr", type=float, nargs="*", default=[3e-4, 1e-3])
     args = parser.parse_args(argv)
     os.environ.setdefault("EDGETUNE_PROGRESS", "1")
     print(f"load average {loadavg()} on {os.cpu_count()} CPUs, torch {torch.__version__}, "
