@@ -27,7 +27,9 @@ What is measured:
 * **Fine-tune**: the same batches (``edgetune/data/instructions.jsonl``, batch 4 x 128, packed,
   fixed order) for both sides, AdamW, constant lr after 3 warm-up steps, no weight decay, grad
   clip 1.0: the 4-bit GPR=4 sketch's tables vs PEFT LoRA r=16, alpha 32, all seven projections on
-  the fp32 base. Held-out chat loss before and after, median step time, trainable parameters.
+  the fp32 base, and vs edgetune's ``qlora`` (the same LoRA over an NF4 base). Each side at a few
+  learning rates (``--sketch-lr``, ``--lora-lr``, ``--qlora-lr``). Held-out chat loss before and
+  after, median step time, trainable parameters.
 """
 from __future__ import annotations
 
@@ -261,6 +263,13 @@ def part_finetune(args) -> None:
         write_result(args.results, f"finetune-lora-lr{lr:g}", r)
         print("lora", r, flush=True)
         del model, base
+    for lr in args.qlora_lr:  # edgetune's qlora recipe: NF4 base (blocksize 64) + LoRA r=16, alpha 32, all projections
+        base, _ = edgetune.load("default")
+        model = edgetune.compile(base, "qlora", r=16, alpha=32.0)
+        r = _finetune(model, batches, lr, heldout)
+        write_result(args.results, f"finetune-qlora-lr{lr:g}", r)
+        print("qlora", r, flush=True)
+        del model, base
 
 
 def _mib(b) -> str:
@@ -312,6 +321,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--sketch-lr", type=float, nargs="*", default=[1e-4, 3e-4])
     parser.add_argument("--lora-lr", type=float, nargs="*", default=[3e-4, 1e-3])
+    parser.add_argument("--qlora-lr", type=float, nargs="*", default=[1e-3])
     args = parser.parse_args(argv)
     os.environ.setdefault("EDGETUNE_PROGRESS", "1")
     print(f"load average {loadavg()} on {os.cpu_count()} CPUs, torch {torch.__version__}, "
