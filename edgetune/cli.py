@@ -332,6 +332,28 @@ def quickstart_cmd(model, recipe, device, out, steps, batch, seq_len, lr, prompt
     click.echo(f"  answer after   {answer_after}")
 
 
+# --------------------------------------------------------------------------- command plug-ins
+
+
+def _register_command_modules() -> None:
+    """Add the commands of every module in ``edgetune.commands`` (each has ``register(cli)``).
+
+    Feature areas (SketchTune merge, ORT Training, kernels, fleet) keep their commands next to
+    their code's owner instead of growing this file; a module must import only light things at
+    top level, so `edgetune --help` stays fast.
+    """
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(cli)
+
+
+_register_command_modules()
+
+
 # --------------------------------------------------------------------------- entry point
 
 

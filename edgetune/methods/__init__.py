@@ -36,8 +36,17 @@ def register_method(method: Method) -> Method:
 
 
 def _ensure_builtin() -> None:
-    # Importing the packages registers them; done lazily so `import edgetune` stays light.
-    from . import lora, qlora  # noqa: F401
+    """Import every recipe package under ``edgetune.methods``; importing one registers it.
+
+    Done lazily (on the first lookup) so ``import edgetune`` stays light, and by discovery so a
+    new recipe is a new sub-package and nothing else.
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,1 @@
+"""ONNX Runtime Training: export the compiled training graph and train on it."""
