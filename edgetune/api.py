@@ -22,7 +22,14 @@ from .fsutil import atomic_dir, atomic_file, check_output_path, sha256_file
 from .manifest import artifact_kind, read_manifest, write_manifest
 from .models.loader import load_model
 
-ADAPTER_FORMATS = ("peft", "gguf")
+ADAPTER_FORMATS = ("peft", "gguf", "sketch")
+
+# `merge`: the adapter directory's manifest kind -> "module:function" that merges it, imported
+# lazily. Each takes (base_dir, adapter_dir, out, *, dense, dtype, force, overwrite) and returns the
+# output path. Another adapter kind plugs in with :func:`register_merger`.
+_MERGERS: dict[str, str] = {
+    "sketch-delta": "edgetune.exporters.sketch:merge_sketch_artifact",
+}
 
 
 def load(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -160,6 +167,8 @@ def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft"
     else:
         model, _ = open_model(compiled_or_run)
     info = compiled_info(model)
+    if format == "sketch":
+        return export_sketch(model, out, overwrite=overwrite)
     if not hasattr(info.config, "r"):
         raise EdgetuneError(f"recipe {info.recipe!r} has no LoRA adapter to export in {format} format")
     adapters = lora_adapters(model)
@@ -186,12 +195,64 @@ def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft"
     return Path(out)
 
 
+def export_sketch(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a sketchtune model's table deltas (trained − initial, fp16) and a manifest with the base's sha256."""
+    from .exporters.sketch import MANIFEST_KIND, export_sketch_delta
+
+    info = compiled_info(model)
+    if info.recipe != "sketchtune":
+        raise EdgetuneError(f"recipe {info.recipe!r} has no sketch tables to export; --format sketch needs a "
+                            "sketchtune run")
+    base_sha = info.source.sha256 if info.source else None
+    with atomic_dir(out, overwrite) as tmp:
+        export_sketch_delta(tmp, model, base_sha256=base_sha)
+        write_manifest(tmp, MANIFEST_KIND, {"adapter_format": "sketch", "recipe": info.recipe,
+                                            "base_sha256": base_sha,
+                                            "base_name": info.source.name if info.source else "unknown"})
+    return Path(out)
+
+
+def register_merger(kind: str, target: str) -> None:
+    """Teach `merge` an adapter kind: ``target`` is ``"module:function"`` (see ``_MERGERS``)."""
+    _MERGERS[kind] = target
+
+
+def merge(base_dir: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, dense: bool = False,
+          dtype: str | None = None, force: bool = False, overwrite: bool = False) -> Path:
+    """Apply an exported adapter to its base on the server side; dispatches on the adapter manifest's kind.
+
+    Sketch deltas: ``out`` is the sketched artifact with the merged tables, or with ``dense`` a
+    plain Hugging Face model directory.
+    """
+    import importlib
+
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise EdgetuneError(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    check_output_path(out, overwrite)
+    if not Path(adapter).is_dir():
+        raise ArtifactError(f"{adapter} is not an adapter directory")
+    kind = artifact_kind(adapter)
+    if kind is None:
+        raise ArtifactError(f"{adapter} has no edgetune manifest; merge takes an adapter written by `edgetune export`")
+    if kind not in _MERGERS:
+        raise EdgetuneError(f"merge does not know adapters of kind {kind!r}; it merges {', '.join(sorted(_MERGERS))}")
+    module, _, func = _MERGERS[kind].partition(":")
+    merger = getattr(importlib.import_module(module), func)
+    return merger(base_dir, adapter, out, dense=dense, dtype=getattr(torch, dtype) if dtype else None,
+                  force=force, overwrite=overwrite)
+
+
 def attach_adapter(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> nn.Module:
-    """Load a PEFT adapter into ``model``: into its LoRA layers, or by adding LoRA to a plain model."""
+    """Load an adapter into ``model``: a sketch delta into its tables; a PEFT adapter into its LoRA layers,
+    or by adding LoRA to a plain model."""
     from .exporters.peft import read_peft
+    from .exporters.sketch import DELTA_CONFIG, load_sketch_delta
     from .methods.lora.layer import LoraLinear
 
     adapter_dir = Path(adapter_dir)
+    if (adapter_dir / DELTA_CONFIG).is_file():
+        load_sketch_delta(adapter_dir, model, force=force)
+        return model
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ArtifactError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
     if (adapter_dir / "manifest.json").is_file():

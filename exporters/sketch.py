@@ -37,8 +37,11 @@ FORMAT = "edgetune-sketch-delta"
 VERSION = 1
 SUFFIX = ".table_delta"
 
+MANIFEST_KIND = "sketch-delta"  # the adapter directory's manifest kind: `edgetune merge` dispatches on it
+
 __all__ = ["sketch_layers", "sketch_fingerprint", "export_sketch_delta", "read_sketch_delta", "load_sketch_delta",
-           "merge_sketch_delta", "dense_state_dict", "dense_model", "save_dense_pretrained", "DELTA_WEIGHTS", "DELTA_CONFIG"]
+           "merge_sketch_delta", "dense_state_dict", "dense_model", "save_dense_pretrained", "bake_tables",
+           "merge_sketch_artifact", "DELTA_WEIGHTS", "DELTA_CONFIG", "MANIFEST_KIND"]
 
 
 def sketch_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -105,10 +108,17 @@ def read_sketch_delta(directory: str | os.PathLike) -> tuple[dict, dict[str, tor
     """(description, tensors) of a delta directory, checked for format and completeness."""
     from edgetune.tensors import load_tensors
 
+    from edgetune.manifest import MANIFEST, read_manifest
+
     directory = Path(directory)
     cfg_path = directory / DELTA_CONFIG
     if not cfg_path.is_file():
         raise ArtifactError(f"{directory} is not a sketch delta (no {DELTA_CONFIG})")
+    if (directory / MANIFEST).is_file():  # written by `edgetune export --format sketch`: verify every file's sha256
+        manifest = read_manifest(directory, MANIFEST_KIND)
+        for name in (DELTA_CONFIG, DELTA_WEIGHTS):
+            if name not in manifest["files"]:
+                raise ArtifactError(f"{directory / MANIFEST}: {name} is not listed in the manifest")
     try:
         info = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
@@ -227,3 +237,51 @@ def save_dense_pretrained(model: nn.Module, out_dir: str | os.PathLike, tokenize
         tokenizer.save_pretrained(str(out))
     return out
 
+
+
+def bake_tables(model: nn.Module) -> None:
+    """Make the current tables the sketch's initial ones: ``table_init = fp16(table)``, ``table = table_init``.
+
+    What a merged sketched artifact holds: a later fine-tune of it exports deltas against the
+    merged tables (and its fingerprint differs from the unmerged sketch's, so a delta of the old
+    sketch cannot be applied twice).
+    """
+    with torch.no_grad():
+        for m in sketch_layers(model).values():
+            m.table_init = m.table.detach().to(torch.float16).clone()
+            m.table.copy_(m.table_init.to(m.table.dtype))
+
+
+def merge_sketch_artifact(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
+                          dense: bool = False, dtype: torch.dtype | None = None, force: bool = False,
+                          overwrite: bool = False) -> Path:
+    """``edgetune merge`` for a sketch delta: ``base_dir`` (a compiled sketchtune artifact) + delta -> ``out``.
+
+    ``dense=False``: a compiled sketched artifact whose tables are the merged ones (codes
+    unchanged, tables fp16). ``dense=True``: a plain Hugging Face model directory (config,
+    safetensors, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads. Written
+    atomically; the base and adapter are verified (sha256 of every file, base and sketch
+    fingerprints) before anything is written.
+    """
+    from edgetune.artifact import load_compiled, save_compiled
+    from edgetune.fsutil import atomic_dir, check_output_path, sha256_file
+    from edgetune.manifest import MANIFEST, artifact_kind
+
+    check_output_path(out, overwrite)
+    if artifact_kind(base_dir) != "compiled":
+        raise ArtifactError(f"{base_dir} is not a compiled edgetune artifact (merge needs the sketchtune compiled dir)")
+    model, tokenizer, manifest = load_compiled(base_dir)
+    if manifest.get("recipe") != "sketchtune" or not sketch_layers(model):
+        raise ArtifactError(f"{base_dir} was compiled with {manifest.get('recipe')!r}, not sketchtune")
+    load_sketch_delta(adapter_dir, model, force=force)
+    if dense:
+        with atomic_dir(out, overwrite) as tmp:
+            save_dense_pretrained(model, tmp, tokenizer, dtype)
+    else:  # save_compiled writes atomically itself
+        bake_tables(model)
+        adapter_manifest = Path(adapter_dir) / MANIFEST
+        save_compiled(model, tokenizer, out, overwrite=overwrite, extra={"merged_from": {
+            "base_manifest_sha256": sha256_file(Path(base_dir) / MANIFEST),
+            "adapter_manifest_sha256": sha256_file(adapter_manifest) if adapter_manifest.is_file() else None,
+        }})
+    return Path(out)

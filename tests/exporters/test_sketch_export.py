@@ -32,7 +32,7 @@ def _compiled(arch, tokenizer, **options):
     model = build_tiny_model(arch, len(tokenizer))
     model.edgetune_tokenizer = tokenizer
     model.edgetune_source = ModelSource("hf-dir", "/nowhere", "ab" * 32, "tiny")
-    return compile_model(model, "sketchtune", **{"calib_samples": 32, **options})
+    return compile_model(model, "sketchtune", **{"calib_samples": 32, "calib_seq_len": 16, **options})
 
 
 def _train(model, vocab, steps=3):

@@ -18,7 +18,7 @@ from edgetune.quant.sketch import sketch_weight
 from tiny_models import build_tiny_model
 
 ARCHS = ("llama", "qwen2", "gpt2")
-FAST = {"calib_samples": 32}  # 32 x 16 calibration tokens keeps the tiny-model tests quick
+FAST = {"calib_samples": 32, "calib_seq_len": 16}  # 512 calibration tokens keep the tiny-model tests quick
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -194,7 +194,7 @@ def test_too_little_calibration_text_says_how_much_is_needed(tiny_tokenizer, tmp
     calib.write_text("A short paragraph of calibration text.\n")
     model = build_tiny_model("llama", len(tiny_tokenizer))
     model.edgetune_tokenizer = tiny_tokenizer
-    with pytest.raises(EdgetuneError, match=r"needs 2,048 tokens \(128 samples x 16 tokens\)") as info:
+    with pytest.raises(EdgetuneError, match=r"needs 16,384 tokens \(128 samples x 128 tokens\)") as info:
         compile_model(model, "sketchtune", calib=str(calib))
     assert "\n" not in str(info.value)
 
@@ -212,3 +212,43 @@ def test_config_validation():
             SketchTuneConfig(**bad)
     with pytest.raises(EdgetuneError, match="bad sketchtune option"):
         compile_model(build_tiny_model("llama", 50), "sketchtune", bits=7)
+
+
+def test_calibration_reads_every_training_format(tiny_tokenizer, tmp_path):
+    """--calib takes what `train --data` takes: chat, Alpaca and text JSONL, and plain .txt."""
+    import json
+
+    from edgetune.methods.sketchtune.model import calibration_ids
+    from edgetune.training.data import build_dataset
+
+    sentence = "Edge devices fine-tune small language models with little memory. "
+    files = {
+        "chat.jsonl": [{"messages": [{"role": "user", "content": sentence}, {"role": "assistant", "content": sentence}]}],
+        "alpaca.jsonl": [{"instruction": sentence, "input": "", "output": sentence}],
+        "text.jsonl": [{"text": sentence * 2}],
+    }
+    cfg = SketchTuneConfig(calib_samples=6, calib_seq_len=8)
+    for name, rows in files.items():
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows * 10) + "\n")
+        ids = calibration_ids(tiny_tokenizer, SketchTuneConfig(calib=str(path), calib_samples=6, calib_seq_len=8))
+        packed = build_dataset(path, tiny_tokenizer, 8).input_ids
+        assert ids.shape == (6, 8)
+        # rows spread evenly over the whole file, not its start
+        assert len(packed) > 12 and torch.equal(ids, packed[torch.arange(6) * len(packed) // 6])
+    (tmp_path / "plain.txt").write_text((sentence + "\n\n") * 20)
+    assert calibration_ids(tiny_tokenizer, SketchTuneConfig(calib=str(tmp_path / "plain.txt"), calib_samples=6,
+                                                            calib_seq_len=8)).shape == (6, 8)
+    assert cfg.calib is None
+
+
+def test_default_calibration_is_the_shipped_training_text(tiny_tokenizer):
+    """128 sequences of 128 tokens by default, from instructions.jsonl + calib.txt, never the held-out file."""
+    from edgetune.methods.sketchtune.model import calibration_ids, shipped_calib
+
+    names = [p.name for p in shipped_calib()]
+    assert names == ["instructions.jsonl", "calib.txt"] and all(p.is_file() for p in shipped_calib())
+    cfg = SketchTuneConfig()
+    assert (cfg.calib_samples, cfg.calib_seq_len) == (128, 128)
+    ids = calibration_ids(tiny_tokenizer, cfg)
+    assert ids.shape == (128, 128) and len({tuple(r.tolist()) for r in ids}) == 128

@@ -60,24 +60,46 @@ def _single_thread():
         torch.set_num_threads(before)
 
 
-def shipped_calib() -> Path:
-    return Path(str(resources.files("edgetune.data") / "calib.txt"))
+SHIPPED_CALIB = ("instructions.jsonl", "calib.txt")  # never instructions_heldout.jsonl: that is the held-out set
+
+
+def shipped_calib() -> list[Path]:
+    """The default calibration texts: the shipped instruction data (chat-rendered) and calib.txt (prose).
+
+    About 23k tokens of the default model's tokenizer together, so 128 sequences of 128 tokens
+    fit. The instruction data is what the model is fine-tuned on; the held-out file is never used.
+    """
+    return [Path(str(resources.files("edgetune.data") / name)) for name in SHIPPED_CALIB]
+
+
+def _spread(n_rows: int, k: int) -> torch.Tensor:
+    """``k`` row indices spread evenly over ``n_rows`` (all of the file is represented, not its start)."""
+    return (torch.arange(k) * n_rows) // k
 
 
 def calibration_ids(tokenizer, config: SketchTuneConfig) -> torch.Tensor:
-    """The calibration rows (calib_samples, calib_seq_len) int64, or a one-line error saying what is needed."""
+    """The calibration rows (calib_samples, calib_seq_len) int64, or a one-line error saying what is needed.
+
+    ``--calib`` takes any format the trainer reads (``edgetune.training.data``): the records are
+    tokenized and packed into rows of ``calib_seq_len`` tokens; with more rows than needed,
+    ``calib_samples`` rows spread evenly over the text are used.
+    """
     from ...training.data import build_dataset
 
-    path = Path(config.calib) if config.calib else shipped_calib()
-    ds = build_dataset(path, tokenizer, config.calib_seq_len, pack=True)
+    paths = [Path(config.calib)] if config.calib else shipped_calib()
+    parts = [build_dataset(p, tokenizer, config.calib_seq_len, pack=True) for p in paths]
+    rows = torch.cat([ds.input_ids for ds in parts if bool(ds.attention_mask.all())]
+                     or [torch.zeros(0, config.calib_seq_len, dtype=torch.long)])
     need = config.calib_samples * config.calib_seq_len
-    have = ds.n_tokens if len(ds) < config.calib_samples else len(ds) * config.calib_seq_len
-    if len(ds) < config.calib_samples or ds.n_tokens < need:
+    if rows.shape[0] < config.calib_samples:
+        have = sum(ds.n_tokens for ds in parts)
+        names = " + ".join(str(p) for p in paths)
         raise EdgetuneError(
-            f"calibration text {path} is too small: sketchtune needs {need:,} tokens "
+            f"calibration text {names} is too small: sketchtune needs {need:,} tokens "
             f"({config.calib_samples} samples x {config.calib_seq_len} tokens) and it has {have:,}; "
             f"pass a longer --calib file or lower --calib-samples / --calib-seq-len")
-    return ds.input_ids[: config.calib_samples]
+    idx = _spread(rows.shape[0], config.calib_samples)
+    return rows[idx].contiguous()
 
 
 def decoder_blocks(model: nn.Module, arch: ArchSpec) -> list[tuple[str, nn.Module]]:
