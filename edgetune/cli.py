@@ -148,9 +148,10 @@ def train_cmd(compiled, data, out, overwrite, resume, force, **options):
 
 @cli.command("export")
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", default="peft", show_default=True, help="peft | gguf")
-@click.option("--out", required=True, type=click.Path(), help="adapter directory (peft) or .gguf file")
-@click.option("--dtype", default="float32", show_default=True, help="float32 | float16")
+@click.option("--format", "fmt", default="peft", show_default=True,
+              help="peft | gguf | sketch (sketchtune table deltas, for `edgetune merge`)")
+@click.option("--out", required=True, type=click.Path(), help="adapter directory (peft, sketch) or .gguf file")
+@click.option("--dtype", default="float32", show_default=True, help="float32 | float16 (sketch deltas are float16)")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 def export_cmd(run, fmt, out, dtype, overwrite):
     """Export the adapter of a RUN (or compiled dir) for a server."""
