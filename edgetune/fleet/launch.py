@@ -97,6 +97,7 @@ class Processes:
         env.setdefault("OMP_NUM_THREADS", "1")
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # start App processes sooner (default 1 s)
         return env
 
     def start(self, name: str, cmd: list[str], inherit_output: bool = False) -> subprocess.Popen:
@@ -169,10 +170,20 @@ class Processes:
 
     def register(self, public_keys: list[Path]) -> None:
         """Register SuperNode public keys with the SuperLink: only these nodes may connect."""
-        for pub in public_keys:
-            done = self.flwr("supernode", "register", str(pub), CONNECTION)
-            if done.returncode != 0:
-                raise EdgetuneError(f"registering {pub} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+        running = [(pub, subprocess.Popen([flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION],
+                                          env=self.env("cli"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, text=True)) for pub in public_keys]
+        failed = []
+        for pub, proc in running:  # in parallel: each `flwr` call spends ~2 s importing
+            try:
+                output, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"{pub}: {output.strip()[-200:]}")
+        if failed:
+            raise EdgetuneError(f"registering SuperNode keys failed: {failed[0]}")
 
     def submit(self, config: dict) -> None:
         """``flwr run`` the edgetune fleet app with ``config`` as its run config."""
