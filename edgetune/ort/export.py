@@ -1,0 +1,366 @@
+"""Export a compiled artifact as ONNX Runtime Training artifacts (``edgetune export-training``).
+
+An ORT directory holds::
+
+    manifest.json          kind "ort-training": the source's sha256s, recipe, name map, sizes
+    training_model.onnx    forward + causal-LM loss + gradients of the adapter parameters
+    eval_model.onnx        forward + loss
+    optimizer_model.onnx   AdamW (torch's eps 1e-8, weight decay, global-norm clipping)
+    checkpoint             adapter parameters (trainable) and the frozen base (packed NF4 stays uint8)
+    config.json, tokenizer/  copied from the compiled artifact, so the directory is self-contained
+
+Graph inputs are ``input_ids``, ``attention_mask`` and ``labels``, all (batch, seq) int64 with
+both axes dynamic. The loss is HF's: logits[:, :-1] against labels[:, 1:], mean over labels that
+are not -100 (``SoftmaxCrossEntropyLoss``).
+
+How the model is exported (each point is a workaround from ``ORT_TRAINING.md``, re-checked here):
+
+* TorchScript exporter (``dynamo=False``), opset 17, ``do_constant_folding=False``, and the model
+  in *training* mode: then the exporter merges initializers only when they share storage (tied
+  embeddings), never by value, so an all-zero ``lora_B`` or all-ones norm weights keep their own
+  names. Dropout is 0 in every recipe config we export (checked).
+* Attention is exported as the eager implementation (softmax attention with an explicit causal
+  mask); ORT has gradient builders for all of its ops.
+* Every parameter and buffer of the model becomes an initializer with its torch name. The adapter
+  parameters are ``requires_grad``; every other named tensor is ``frozen_params``, so it lives
+  once in ``checkpoint`` (shared by the training and eval sessions) rather than in both graphs.
+* qlora's frozen NF4 weights: with ``nf4="op"`` (default) each projection is one
+  ``edgetune::NF4MatMul`` node of edgetune's custom-op library (see :mod:`.custom_ops`) over the
+  packed uint8 codes and the float32 block absmax. With ``nf4="graph"`` the codes are decoded with
+  standard ops (BitShift/BitwiseAnd/Gather/Mul) before a MatMul: no library needed, but ORT keeps
+  each decoded fp32 weight alive until its backward MatMul. Double-quantized absmax is decoded
+  with standard ops in both modes (it is 1/64 of a weight).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, EdgetuneError
+from ..fsutil import atomic_dir, check_output_path, sha256_file
+from ..manifest import read_manifest, write_manifest
+from ._deps import require_ort
+
+KIND = "ort-training"
+OPSET = 17
+GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
+CHECKPOINT_FILE = "checkpoint"
+NF4_MODES = ("op", "graph")
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- export-time modules
+
+
+class _ExportNF4(nn.Module):
+    """Stands in for an NF4Linear during export; same buffer names, so the ONNX names match torch."""
+
+    def __init__(self, layer, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.in_features, self.out_features, self.blocksize = layer.in_features, layer.out_features, layer.blocksize
+        for name in ("packed", "absmax", "absmax_q", "absmax_scale", "absmax_code", "absmax_offset", "bias"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                self.register_buffer(name, t)
+        self.double_quant = layer.double_quant
+
+    def _absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        from ..quant.nf4 import DQ_BLOCKSIZE
+
+        nb = self.absmax_q.shape[0]
+        scale = self.absmax_scale.repeat_interleave(DQ_BLOCKSIZE)[:nb]  # (nb,)
+        return self.absmax_code[self.absmax_q.long()] * scale + self.absmax_offset
+
+    def _dense(self) -> torch.Tensor:
+        """(out, in) float32 from the codes, with ops ORT runs (graph mode)."""
+        from ..quant.nf4 import NF4_CODE
+
+        numel = self.out_features * self.in_features
+        packed = self.packed.to(torch.int32)  # ORT's CPU Div/Mod have no uint8 kernels
+        hi = torch.div(packed, 16, rounding_mode="floor")  # opset 17 has no BitwiseAnd: Div/Mod do it
+        lo = torch.remainder(packed, 16)
+        codes = torch.stack([hi, lo], dim=-1).reshape(-1)[:numel].long()  # (numel,)
+        values = NF4_CODE.to(self.packed.device)[codes].reshape(-1, self.blocksize)  # (nb, bs)
+        return (values * self._absmax().reshape(-1, 1)).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.mode == "op":
+            from .custom_ops import torch_nf4_matmul
+
+            y = torch_nf4_matmul()(x, self.packed, self._absmax())
+        else:
+            y = torch.matmul(x, self._dense().t())
+        return y + self.bias if getattr(self, "bias", None) is not None else y
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _swap_nf4(model: nn.Module, mode: str) -> int:
+    from ..methods.qlora.layer import NF4Linear
+    from ..models.arch import get_submodule_parent
+
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            if module.in_features * module.out_features % module.blocksize:
+                raise EdgetuneError(f"{name}: {module.out_features}x{module.in_features} is not a whole number of "
+                                    f"NF4 blocks of {module.blocksize}; the ORT export does not handle a short block")
+            parent, leaf = get_submodule_parent(model, name)
+            setattr(parent, leaf, _ExportNF4(module, mode))
+            swapped += 1
+    return swapped
+
+
+def _strip_wrapper_prefix(graph, prefix: str = "model.") -> None:
+    """Initializers come out as ``model.<torch name>`` (the wrapper's attribute); name them as torch does."""
+    renames = {t.name: t.name[len(prefix):] for t in graph.graph.initializer if t.name.startswith(prefix)}
+    for t in graph.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in graph.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for vi in list(graph.graph.input) + list(graph.graph.value_info):
+        vi.name = renames.get(vi.name, vi.name)
+
+
+def load_plain(directory: str | os.PathLike):
+    """A compiled artifact as the recipe's model *without* the S2A activation-lean rewrite.
+
+    S2A changes only what backward saves, never the forward values, and its compressed-saving
+    autograd Functions do not export; ORT builds its own backward from the plain forward. This is
+    :func:`edgetune.artifact.load_compiled` minus that rewrite: returns (model, tokenizer, manifest,
+    recipe config), with only the adapter parameters requiring grad.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..artifact import BASE_FILE, TRAINABLE_FILE, _restore_nonpersistent_buffers
+    from ..compiler import freeze_all
+    from ..methods import config_from_dict, get_method
+    from ..models.arch import arch_for
+    from ..tensors import load_tensors
+
+    directory = Path(directory)
+    manifest = read_manifest(directory, "compiled")
+    try:
+        method = get_method(manifest["recipe"])
+        config = config_from_dict(method, manifest["recipe_config"])
+        dtype = getattr(torch, manifest["dtype"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{directory}/manifest.json: malformed ({exc})") from None
+    hf_config = AutoConfig.from_pretrained(str(directory))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    freeze_all(model)
+    method.apply(model, config, arch_for(hf_config), False)
+    state = load_tensors(directory / BASE_FILE)
+    state.update(load_tensors(directory / TRAINABLE_FILE))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = manifest.get("tied", {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"{directory}: tensors do not match the recipe "
+                            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    if tied:
+        model.tie_weights()
+    _restore_nonpersistent_buffers(model)
+    trainable = set(manifest.get("trainable", []))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, manifest, config
+
+
+# ----------------------------------------------------------------------------- the loss block
+
+
+def _causal_lm_loss(vocab_size: int):
+    import numpy as np
+    import onnx
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import _graph_utils
+
+    class CausalLMLoss(onnxblock.Block):
+        """mean CE(logits[:, :-1], labels[:, 1:]) over labels != -100, with a (batch, seq) labels input."""
+
+        def __init__(self):
+            super().__init__()
+            self.ce = onnxblock.loss.CrossEntropyLoss(reduction="mean", ignore_index=IGNORE_INDEX)
+
+        def build(self, logits_name: str) -> str:
+            graph = self.base.graph
+            graph.input.append(onnx.helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, ["batch", "seq"]))
+
+            def const(label, values):
+                name = _graph_utils.generate_graph_name(label)
+                graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+                return name
+
+            def node(op, inputs, label):
+                out = _graph_utils.generate_graph_name(label)
+                graph.node.append(onnx.helper.make_node(op, inputs, [out], name=out))
+                return out
+
+            zero, minus1, one, big = const("zero", [0]), const("minus1", [-1]), const("one", [1]), \
+                const("end", [np.iinfo(np.int64).max])
+            axis1 = const("axis1", [1])
+            pred = node("Slice", [logits_name, zero, minus1, axis1], "shift_logits")  # (B, T-1, V)
+            pred = node("Reshape", [pred, const("flat_v", [-1, vocab_size])], "flat_logits")  # (B(T-1), V)
+            target = node("Slice", ["labels", one, big, axis1], "shift_labels")  # (B, T-1)
+            target = node("Reshape", [target, minus1], "flat_labels")  # (B(T-1),)
+            return self.ce(pred, target)
+
+    return CausalLMLoss()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    trainable: list[str]
+    frozen: list[str]
+    sizes: dict
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, lr: float = 2e-4,
+                    weight_decay: float = 0.0, grad_clip: float = 1.0, nf4: str = "op",
+                    overwrite: bool = False) -> ExportResult:
+    """Write ORT training artifacts for the compiled artifact at ``compiled_dir`` into ``out``."""
+    onnx, ort = require_ort()
+    ort.set_default_logger_severity(3)
+    from onnxruntime.training import artifacts, onnxblock
+
+    from ..methods.lora.layer import LoraLinear
+
+    if nf4 not in NF4_MODES:
+        raise EdgetuneError(f"--nf4 must be one of {', '.join(NF4_MODES)}, got {nf4!r}")
+    if not (lr > 0) or not (weight_decay >= 0) or not (grad_clip >= 0):
+        raise EdgetuneError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
+    compiled_dir = Path(compiled_dir)
+    check_output_path(out, overwrite)
+    model, tokenizer, manifest, cfg = load_plain(compiled_dir)
+    recipe = manifest["recipe"]
+    if not any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise EdgetuneError(f"recipe {recipe!r} is not supported by the ORT export yet (lora and qlora are)")
+    if getattr(cfg, "dropout", 0.0):
+        raise EdgetuneError(f"the ORT export needs --dropout 0 (this artifact has {cfg.dropout}): "
+                            "a dropout mask would be baked into the graph")
+    if model.dtype != torch.float32:
+        raise EdgetuneError(f"the ORT export supports float32 artifacts only (this one is {manifest['dtype']})")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    state_names = set(model.state_dict()) | {n for n, _ in model.named_parameters()}
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    fp32_bytes += sum(getattr(m, "out_features", 0) * getattr(m, "in_features", 0) * 4
+                      for m in model.modules() if type(m).__name__ == "NF4Linear")
+
+    n_nf4 = _swap_nf4(model, nf4)
+    library = None
+    if n_nf4 and nf4 == "op":
+        from .custom_ops import build_library, register_gradients
+
+        library = build_library()
+        register_gradients()
+    model.config._attn_implementation = "eager"
+    model.train()  # training-mode export: initializers are merged by storage only (see the docstring)
+    wrapper = _Logits(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    mask = torch.ones_like(ids)
+
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        raw = tmp / ".forward.onnx"
+        with torch.no_grad():
+            torch.onnx.export(wrapper, (ids, mask), str(raw), input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], opset_version=OPSET, do_constant_folding=False,
+                              training=torch.onnx.TrainingMode.TRAINING, dynamo=False,
+                              custom_opsets={"edgetune": 1} if library else None,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "attention_mask": {0: "batch", 1: "seq"},
+                                            "logits": {0: "batch", 1: "seq"}})
+        graph = onnx.load(str(raw))
+        raw.unlink()
+        _strip_wrapper_prefix(graph)
+        init_names = {t.name for t in graph.graph.initializer}
+        missing = [n for n in trainable if n not in init_names]
+        if missing:
+            raise ArtifactError(f"the export renamed adapter parameters (e.g. {missing[0]}); cannot train them")
+        # Named tensors of the model (tied ones appear once, under one of their names).
+        frozen = sorted(n for n in init_names if n in state_names and n not in trainable)
+        optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
+                                          clip_grad=onnxblock.optim.ClipGradNorm(grad_clip) if grad_clip else None)
+        artifacts.generate_artifacts(graph, requires_grad=trainable, frozen_params=frozen,
+                                     loss=_causal_lm_loss(model.config.vocab_size), optimizer=optimizer,
+                                     artifact_directory=str(tmp), custom_op_library=str(library) if library else None)
+        shutil.copyfile(compiled_dir / "config.json", tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        sizes = {"checkpoint": (tmp / CHECKPOINT_FILE).stat().st_size,
+                 "graphs": sum((tmp / f).stat().st_size for f in GRAPH_FILES),
+                 "fp32_model": fp32_bytes}
+        sizes["total"] = sizes["checkpoint"] + sizes["graphs"]
+        sizes["ratio_vs_fp32"] = sizes["total"] / fp32_bytes
+        write_manifest(tmp, KIND, {
+            "compiled": {"path": str(compiled_dir.resolve()), "manifest_sha256": sha256_file(compiled_dir / "manifest.json")},
+            "source": manifest.get("source"),
+            "base_sha256": (manifest.get("source") or {}).get("sha256"),
+            "recipe": recipe,
+            "recipe_config": manifest["recipe_config"],
+            "model_type": manifest.get("model_type"),
+            "vocab_size": model.config.vocab_size,
+            "opset": OPSET,
+            "nf4": nf4 if n_nf4 else None,
+            "custom_op_library": ({"sources_sha256": _sources_sha(), "ops": ["edgetune::NF4MatMul",
+                                                                             "edgetune::NF4MatMulGrad"]}
+                                  if library else None),
+            "optimizer": {"type": "AdamW", "lr": lr, "eps": 1e-8, "betas": [0.9, 0.999],
+                          "weight_decay": weight_decay, "grad_clip": grad_clip},
+            "inputs": ["input_ids", "attention_mask", "labels"],
+            # ONNX initializer name -> torch state-dict name (identical by construction; checked above)
+            "parameters": {n: n for n in trainable},
+            "frozen": frozen,
+            "sizes": sizes,
+        })
+    return ExportResult(out, trainable, frozen, sizes)
+
+
+def _sources_sha() -> str:
+    from .custom_ops import sources_sha256
+
+    return sources_sha256()
+
+
+def read_ort_dir(directory: str | os.PathLike, verify: bool = True) -> dict:
+    """The manifest of an ORT training directory (verified), or a one-line ArtifactError."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, KIND, verify=verify)
+    for name in (*GRAPH_FILES, CHECKPOINT_FILE):
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{directory / 'manifest.json'}: {name} is not listed in the manifest")
+    return manifest
+
+
+__all__ = ["export_training", "read_ort_dir", "ExportResult", "KIND", "NF4_MODES"]
