@@ -5,7 +5,8 @@ An ORT directory holds::
     manifest.json          kind "ort-training": the source's sha256s, recipe, name map, sizes
     training_model.onnx    forward + causal-LM loss + gradients of the adapter parameters
     eval_model.onnx        forward + loss
-    optimizer_model.onnx   AdamW (torch's eps 1e-8, weight decay, global-norm clipping)
+    optimizer_model.onnx   AdamW as torch.optim.AdamW computes it (adam_mode 0, eps 1e-8), weight decay,
+                           global-norm gradient clipping
     checkpoint             adapter parameters (trainable) and the frozen base (packed NF4 stays uint8)
     config.json, tokenizer/  copied from the compiled artifact, so the directory is self-contained
 
@@ -316,6 +317,7 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
         artifacts.generate_artifacts(graph, requires_grad=trainable, frozen_params=frozen,
                                      loss=_causal_lm_loss(model.config.vocab_size), optimizer=optimizer,
                                      artifact_directory=str(tmp), custom_op_library=str(library) if library else None)
+        _torch_adamw(onnx, tmp / "optimizer_model.onnx")
         shutil.copyfile(compiled_dir / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         sizes = {"checkpoint": (tmp / CHECKPOINT_FILE).stat().st_size,
@@ -345,6 +347,23 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
             "sizes": sizes,
         })
     return ExportResult(out, trainable, frozen, sizes)
+
+
+def _torch_adamw(onnx, path: Path) -> None:
+    """onnxblock writes ``AdamWOptimizer`` with ``adam_mode=1`` (transformers' AdamW: eps added before
+    the bias correction, i.e. an effective eps of eps/sqrt(1-beta2^t), 32x at step 1). Mode 0 is
+    torch.optim.AdamW, which the torch backend uses; switch to it so both backends take the same steps."""
+    model = onnx.load(str(path))
+    found = False
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+                    found = True
+    if not found:
+        raise ArtifactError(f"{path.name}: no AdamWOptimizer node with adam_mode (onnxruntime changed?)")
+    onnx.save(model, str(path))
 
 
 def _sources_sha() -> str:
