@@ -1,0 +1,188 @@
+"""ORT Training vs the torch backend on the default model (qlora): parity, memory, speed, round trip.
+
+    flock /tmp/edgetune-heavy.lock env OMP_NUM_THREADS=2 python benchmarks/ort_vs_torch.py --steps 50
+
+Stages (each timed step and each memory probe runs in a fresh process, so peak RSS is its own):
+  1. compile default --recipe qlora (cached in --work), export-training (--nf4 op)
+  2. first-step loss of both backends on the same batch and initial adapter
+  3. N steps of each on edgetune/data/instructions.jsonl: loss after N steps, median step time
+  4. peak RSS (VmHWM) of a process that loads a backend and runs 2 steps
+  5. the ORT adapter exported as PEFT loads with PeftModel.from_pretrained; held-out loss before/after
+Prints a table; asserts nothing (timings on a shared machine are noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "edgetune" / "data" / "instructions.jsonl"
+HELDOUT = ROOT / "edgetune" / "data" / "instructions_heldout.jsonl"
+
+
+def _vmhwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(args) -> None:
+    """One backend in this process: `steps` steps, print JSON with losses, step times and VmHWM."""
+    import numpy as np
+    import torch
+
+    import edgetune
+    from edgetune.training.data import BatchIterator, build_dataset
+    from edgetune.training.loop import lr_at
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    work = Path(args.work)
+    _, tok = edgetune.load_compiled(work / "compiled") if args.backend == "torch" else (None, None)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(work / "ort" / "tokenizer"))
+    it = BatchIterator(build_dataset(DATA, tok, args.seq_len), args.batch, seed=0)
+    losses, times = [], []
+    base_rss = _vmhwm_mib()
+    if args.backend == "torch":
+        model, _ = edgetune.load_compiled(work / "compiled")
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.lr, eps=1e-8)
+        base_rss = _vmhwm_mib()
+        for step in range(1, args.steps + 1):
+            batch = next(it)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.steps, args.lr, max(1, args.steps // 20))
+            t = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+            losses.append(loss.item())
+    else:
+        from edgetune.ort.train import open_session
+
+        sess = open_session(work / "ort")
+        sess.module.train()
+        base_rss = _vmhwm_mib()
+        for step in range(1, args.steps + 1):
+            b = next(it)
+            sess.optimizer.set_learning_rate(lr_at(step, args.steps, args.lr, max(1, args.steps // 20)))
+            t = time.perf_counter()
+            loss = sess.module(b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy())
+            sess.optimizer.step()
+            sess.module.lazy_reset_grad()
+            times.append(time.perf_counter() - t)
+            losses.append(float(np.asarray(loss).reshape(-1)[0]))
+    print("RESULT " + json.dumps({"losses": losses, "times": times, "peak_rss_mib": _vmhwm_mib(),
+                                  "loaded_rss_mib": base_rss}))
+
+
+def _run_child(backend: str, steps: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", backend, "--steps", str(steps), "--work", args.work,
+           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise SystemExit(f"{backend} child failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--work", default="/tmp/edgetune-ort-bench")
+    ap.add_argument("--child", choices=["torch", "ort"])
+    args = ap.parse_args()
+    if args.child:
+        args.backend = args.child
+        return child(args)
+    import edgetune
+    from edgetune.ort.export import export_training
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not (work / "compiled").is_dir():
+        model, tok = edgetune.load("default")
+        edgetune.save(edgetune.compile(model, recipe="qlora"), work / "compiled", tok)
+    if not (work / "ort").is_dir():
+        export_training(work / "compiled", work / "ort", lr=args.lr)
+    sizes = json.loads((work / "ort" / "manifest.json").read_text())["sizes"]
+    print(f"setup {time.time() - t0:.0f}s", file=sys.stderr)
+
+    torch_run = _run_child("torch", args.steps, args)
+    ort_run = _run_child("ort", args.steps, args)
+    torch_mem = _run_child("torch", 2, args)
+    ort_mem = _run_child("ort", 2, args)
+
+    # round trip: train on ORT through the API (writes a run), export PEFT, load it with PEFT
+    from edgetune.ort.adapter import export_run
+    from edgetune.ort.train import train_ort
+
+    run = work / "ort-run"
+    train_ort(work / "ort", DATA, run, overwrite=True, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
+              lr=args.lr, progress=False, save_every=0)
+    export_run(run, work / "peft", overwrite=True)
+    import torch
+    from peft import PeftModel
+
+
+    def heldout_loss(model, tok):
+        from edgetune.training.data import build_dataset
+
+        ds = build_dataset(HELDOUT, tok, args.seq_len)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(len(ds)):
+                b = ds.rows(slice(i, i + 1))
+                k = int((b["labels"][:, 1:] != -100).sum())
+                total += model(**b).loss.item() * k
+                n += k
+        return total / n
+
+    base, tok = edgetune.load("default")
+    before = heldout_loss(base, tok)
+    peft_model = PeftModel.from_pretrained(base, str(work / "peft"))
+    after = heldout_loss(peft_model, tok)
+
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    tl, ol = torch_run["losses"], ort_run["losses"]
+    rows = [
+        ("first-step loss", f"{tl[0]:.6f}", f"{ol[0]:.6f}", f"rel diff {abs(ol[0] - tl[0]) / tl[0]:.2e} (target 1e-4)"),
+        (f"loss after {args.steps} steps", f"{tl[-1]:.4f}", f"{ol[-1]:.4f}",
+         f"rel diff {abs(ol[-1] - tl[-1]) / tl[-1]:.2%} (target 2%)"),
+        (f"mean loss of last 10 steps", f"{sum(tl[-10:]) / len(tl[-10:]):.4f}", f"{sum(ol[-10:]) / len(ol[-10:]):.4f}", ""),
+        ("median step time (s)", f"{med(torch_run['times']):.2f}", f"{med(ort_run['times']):.2f}",
+         f"ORT/torch {med(ort_run['times']) / med(torch_run['times']):.2f}x"),
+        ("peak RSS, load + 2 steps (MiB)", f"{torch_mem['peak_rss_mib']:.0f}", f"{ort_mem['peak_rss_mib']:.0f}",
+         f"ORT/torch {ort_mem['peak_rss_mib'] / torch_mem['peak_rss_mib']:.2f}x (target <= 1)"),
+        ("RSS after load, before steps (MiB)", f"{torch_mem['loaded_rss_mib']:.0f}", f"{ort_mem['loaded_rss_mib']:.0f}", ""),
+        ("ORT checkpoint + graphs vs fp32", "", f"{sizes['total'] / 2**20:.1f} MiB",
+         f"{sizes['ratio_vs_fp32']:.2f}x of {sizes['fp32_model'] / 2**20:.1f} MiB fp32"),
+        ("held-out loss: base -> ORT adapter via PeftModel", f"{before:.4f}", f"{after:.4f}",
+         "lowered" if after < before else "NOT lowered"),
+    ]
+    print(f"\nORT vs torch, default model, qlora, batch {args.batch} x seq {args.seq_len}, lr {args.lr}, "
+          f"{args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}\n")
+    print(f"| {'metric':<48} | {'torch':>10} | {'ORT':>12} | note |")
+    print(f"|{'-' * 50}|{'-' * 12}|{'-' * 14}|------|")
+    for r in rows:
+        print(f"| {r[0]:<48} | {r[1]:>10} | {r[2]:>12} | {r[3]} |")
+
+
+if __name__ == "__main__":
+    main()
