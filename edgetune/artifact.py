@@ -28,6 +28,8 @@ from .methods import config_from_dict, get_method
 from .models.arch import arch_for, get_submodule_parent
 from .models.loader import ModelSource
 from .profiles import parse_profile
+from .s2a.functions import Compression
+from .s2a.rewriter import rewrite
 from .tensors import dedup_shared, load_tensors, save_tensors
 
 BASE_FILE, TRAINABLE_FILE = "base.safetensors", "trainable.safetensors"
@@ -59,6 +61,7 @@ def save_compiled(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite
             "trainable": sorted(trainable),
             "tied": aliases,
             "rewritten": info.rewritten,
+            "rewrite_report": info.report.to_dict() if info.report is not None else None,
             "plan": plan.to_dict() if plan is not None else None,
             **(extra or {}),
         })
@@ -97,6 +100,11 @@ def load_compiled(directory: str | os.PathLike):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     freeze_all(model)
     rewritten = method.apply(model, config, arch, False)
+    try:
+        compression = Compression(**manifest.get("s2a", {"act_bits": 16}))
+    except TypeError as exc:
+        raise ArtifactError(f"{directory}/manifest.json: malformed s2a entry ({exc})") from None
+    report = rewrite(model, compression)
     state = load_tensors(directory / BASE_FILE)
     state.update(load_tensors(directory / TRAINABLE_FILE))
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -112,7 +120,8 @@ def load_compiled(directory: str | os.PathLike):
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     model.eval()
-    model.edgetune = CompileInfo(manifest["recipe"], config, profile, manifest["dtype"], source, rewritten)
+    model.edgetune = CompileInfo(manifest["recipe"], config, profile, manifest["dtype"], source, rewritten,
+                                 compression, report)
     model.edgetune_source = source
     tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
     if tokenizer.pad_token is None:

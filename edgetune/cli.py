@@ -104,8 +104,14 @@ def cli():
 @click.option("--device", default="cpu-16gb", show_default=True, help="device profile name or TOML file")
 @click.option("--out", required=True, type=click.Path(), help="artifact directory to write")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
+@click.option("--act-bits", type=click.Choice(["16", "8", "4"]), default="4", show_default=True,
+              help="S2A: bits for what backward keeps (4: 4-bit derivative codes for nonlinearities, 8-bit "
+                   "norm/attention/LoRA inputs; 8: all 8-bit; 16: no activation rewrite)")
+@click.option("--act-stochastic", is_flag=True, help="S2A: stochastic rounding for the 8-bit saved inputs")
+@click.option("--act-gate-code4", is_flag=True,
+              help="S2A: keep the SwiGLU gate as a 4-bit derivative code (+ 8-bit SiLU output) instead of 8 bits")
 @recipe_options
-def compile_cmd(model, recipe, device, out, overwrite, **options):
+def compile_cmd(model, recipe, device, out, overwrite, act_bits, act_stochastic, act_gate_code4, **options):
     """Rewrite MODEL (HF dir, .gguf or 'default') for a recipe and device; write an artifact dir."""
     from . import api
     from .fsutil import check_output_path
@@ -122,11 +128,14 @@ def compile_cmd(model, recipe, device, out, overwrite, **options):
         raise EdgetuneError(f"recipe {recipe!r} has no option(s) "
                             f"{', '.join('--' + n.replace('_', '-') for n in foreign)}")
     m, tok = api.load(model)
-    compiled = api.compile(m, recipe, profile, **given)
+    compiled = api.compile(m, recipe, profile, act_bits=int(act_bits), act_stochastic=act_stochastic,
+                           act_gate_code4=act_gate_code4, **given)
     api.save(compiled, out, tok, overwrite=overwrite)
     n_train = sum(p.numel() for p in compiled.parameters() if p.requires_grad)
+    lean = compiled.edgetune.report
     click.echo(f"compiled {model} with {recipe} for {profile.name}: {len(compiled.edgetune.rewritten)} "
-               f"projections rewritten, {n_train:,} trainable parameters -> {out}")
+               f"projections rewritten, act-bits {act_bits} ({lean.total} activation ops rewritten), "
+               f"{n_train:,} trainable parameters -> {out}")
 
 
 @cli.command("train")

@@ -17,8 +17,10 @@ from .methods import get_method, make_config
 from .models.arch import arch_for
 from .models.loader import ModelSource
 from .profiles import DeviceProfile, load_profile
+from .s2a.functions import Compression
 
 DEFAULT_DEVICE = "cpu-16gb"
+DEFAULT_ACT_BITS = 4
 
 
 @dataclass
@@ -29,12 +31,15 @@ class CompileInfo:
     dtype: str
     source: ModelSource | None
     rewritten: list[str] = field(default_factory=list)
+    compression: Compression = field(default_factory=lambda: Compression(16))
+    report: Any = None  # the S2A RewriteReport
 
     def to_dict(self) -> dict:
         cfg = dataclasses.asdict(self.config)
         return {
             "recipe": self.recipe,
             "recipe_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+            "s2a": dataclasses.asdict(self.compression),
             "device": self.device.to_dict(),
             "dtype": self.dtype,
             "source": self.source.to_dict() if self.source else None,
@@ -51,8 +56,19 @@ def freeze_all(model: nn.Module) -> None:
 
 
 def compile_model(model: nn.Module, recipe: str = "qlora", device: str | DeviceProfile | None = None,
-                  source: ModelSource | None = None, dtype: str | None = None, **options) -> nn.Module:
-    """Rewrite ``model`` in place for ``recipe`` on ``device``; only adapter parameters train."""
+                  source: ModelSource | None = None, dtype: str | None = None, act_bits: int = DEFAULT_ACT_BITS,
+                  act_stochastic: bool = False, act_gate_code4: bool = False, **options) -> nn.Module:
+    """Rewrite ``model`` in place for ``recipe`` on ``device``; only adapter parameters train.
+
+    ``act_bits`` (16, 8 or 4) then applies the S2A activation-lean rewrite on top of the recipe:
+    what backward keeps is stored in 8 bits (4-bit derivative codes for nonlinearities at 4);
+    16 leaves every op as transformers wrote it.
+    """
+    from .errors import EdgetuneError
+    from .s2a.rewriter import rewrite
+
+    if act_bits not in (16, 8, 4):
+        raise EdgetuneError(f"--act-bits must be 16, 8 or 4, got {act_bits}")
     method = get_method(recipe)
     config = make_config(method, options)
     profile = device if isinstance(device, DeviceProfile) else load_profile(device or DEFAULT_DEVICE)
@@ -61,6 +77,8 @@ def compile_model(model: nn.Module, recipe: str = "qlora", device: str | DeviceP
     model.to(getattr(torch, dtype))
     freeze_all(model)
     rewritten = method.apply(model, config, arch, True)
+    compression = Compression(act_bits, stochastic=act_stochastic, gate_code4=act_gate_code4)
+    report = rewrite(model, compression)
     model.edgetune = CompileInfo(recipe, config, profile, dtype,
-                                 source or getattr(model, "edgetune_source", None), rewritten)
+                                 source or getattr(model, "edgetune_source", None), rewritten, compression, report)
     return model

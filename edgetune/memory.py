@@ -11,6 +11,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .s2a.loss import causal_lm_loss
+
 
 class SavedTensorCounter:
     """Context manager: total unique bytes saved for backward, excluding the model's own tensors."""
@@ -52,6 +54,6 @@ class SavedTensorCounter:
 def saved_bytes_of_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Bytes saved for backward by one forward pass of ``model`` on ``batch`` (then freed)."""
     with SavedTensorCounter(model) as counter:
-        loss = model(**batch).loss
+        loss = causal_lm_loss(model, batch)
     del loss
     return counter.bytes

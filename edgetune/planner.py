@@ -48,6 +48,7 @@ OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
 # MLP temporaries, the allocator's free lists): measured on the default model as 0.65-0.79 of the
 # saved-activation bytes across lora/qlora at 2x128 and 4x256 (benchmarks/planner_accuracy.py).
 TRANSIENT_FRACTION = 0.72
+LOSS_CHUNK_ROWS = 256  # edgetune.s2a.rewriter.LOSS_CHUNK: rows of logits alive at once in the chunked loss
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class JobSpec:
     blocksize: int = 64
     double_quant: bool = False
     dtype: str = "float32"
+    act_bits: int = 16  # the S2A rewrite: 16 = none, 8 or 4 = compressed saved activations
+    gate_code4: bool = False  # S2A: 4-bit derivative code + 8-bit f(g) for the gated MLP's gate
 
 
 @dataclass
@@ -148,8 +151,48 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def _q8(numel: int) -> int:
+    """Bytes of one tensor saved as 8-bit groups of 64 (codes + float32 min and scale per group)."""
+    groups = -(-numel // 64)
+    return groups * 64 + groups * 8
+
+
+def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: int) -> dict[str, int]:
+    """Saved bytes after the S2A rewrite (act-bits 8 or 4), by layer type.
+
+    Norms keep an 8-bit input and a float32 1/rms per row; attention keeps 8-bit q, k, v (before
+    the GQA expansion) and output plus the float32 log-sum-exp; the gated MLP keeps 4-bit
+    gate and up (or, with ``gate_code4``, the gate's 4-bit derivative code and 8-bit up and SiLU
+    outputs); LoRA inputs are 8-bit and shared by the projections that read the same tensor
+    (o_proj's input is a new tensor after the head transpose); the loss head keeps the final
+    hidden states, the labels and one float32 log-sum-exp per row.
+    """
+    n = batch * seq_len
+    a = DTYPE_BYTES[job.dtype]
+    d, f, r = shape.hidden, shape.ffn, job.r
+    qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    t = set(job.targets)
+    qkv, gate_up = bool(t & {"q_proj", "k_proj", "v_proj"}), bool(t & {"gate_proj", "up_proj"})
+    after_attn = qkv or "o_proj" in t
+    norm = _q8(n * d) + 4 * n
+    attn_layer = 2 * _q8(n * qd) + 2 * _q8(n * kvd) + 4 * n * shape.heads
+    mlp_layer = (-(-n * f // 2) + 2 * _q8(n * f)) if job.gate_code4 else 2 * _q8(n * f)
+    lora_in = (_q8(n * d) * qkv + _q8(n * qd) * ("o_proj" in t) + _q8(n * d) * gate_up
+               + _q8(n * f) * ("down_proj" in t))
+    rest = shape.layers - 1
+    norms = rest * 2 * norm + (norm if after_attn else 0) + norm
+    attention = rest * attn_layer + (attn_layer if qkv else 0) + 2 * seq_len * shape.head_dim * a
+    mlp = rest * mlp_layer + (mlp_layer if after_attn or gate_up else 0)
+    lora = shape.layers * (lora_in + n * r * len(t) * a)
+    rows = batch * (seq_len - 1)
+    loss = rows * d * a + rows * 8 + rows * 4
+    return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
+
+
 def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: int) -> dict[str, int]:
     """Bytes autograd saves for backward, by layer type (see the module docstring)."""
+    if job.act_bits != 16:
+        return lean_activation_bytes(shape, job, batch, seq_len)
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
     d, f, r = shape.hidden, shape.ffn, job.r
@@ -199,7 +242,7 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # Transients at the peak (start of backward): the loss head's softmax gradient and logits,
     # and one block's attention gradients; for qlora one projection's dequantized weight.
-    loss_ws = 2 * n * shape.vocab * 4
+    loss_ws = 2 * (n if job.act_bits == 16 else min(n, LOSS_CHUNK_ROWS)) * shape.vocab * 4
     attn_ws = n * (2 * qd + 2 * kvd) * a
     dequant_ws = max(o * i for o, i in shape.linear_shapes().values()) * a if job.recipe == "qlora" else 0
     components = {
@@ -280,7 +323,8 @@ def job_for(model) -> JobSpec | None:
 
     targets = cfg.resolve_targets(arch_for(model.config).linear_names)
     return JobSpec(info.recipe, cfg.r, tuple(targets), getattr(cfg, "blocksize", 64),
-                   getattr(cfg, "double_quant", False), info.dtype)
+                   getattr(cfg, "double_quant", False), info.dtype, info.compression.act_bits,
+                   info.compression.gate_code4)
 
 
 def plan_for_model(model, batch: int | None = None, seq_len: int | None = None) -> Plan | None:

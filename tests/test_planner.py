@@ -21,6 +21,7 @@ def _config(kind, layers=2, heads=4, kv=2):
                tie_word_embeddings=kind == "llama")
 
 
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
 @pytest.mark.parametrize("kind,recipe,targets,batch,seq", [
     ("llama", "lora", ("all",), 2, 16),
     ("llama", "qlora", ("all",), 3, 40),
@@ -28,15 +29,17 @@ def _config(kind, layers=2, heads=4, kv=2):
     ("llama", "qlora", ("down_proj", "gate_proj"), 1, 33),
     ("qwen2", "lora", ("all",), 2, 20),
 ])
-def test_saved_bytes_formula_matches_autograd(kind, recipe, targets, batch, seq):
+def test_saved_bytes_formula_matches_autograd(kind, recipe, targets, batch, seq, act_bits):
     torch.manual_seed(0)
     cfg = _config(kind)
-    model = compile_model(AutoModelForCausalLM.from_config(cfg), recipe, r=4, target_modules=targets)
+    model = compile_model(AutoModelForCausalLM.from_config(cfg), recipe, r=4, target_modules=targets,
+                          act_bits=act_bits)
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     measured = saved_bytes_of_step(model, {"input_ids": ids, "labels": ids})
     resolved = targets if targets != ("all",) else JobSpec().targets
-    predicted = sum(saved_activation_bytes(ModelShape.from_config(cfg), JobSpec(recipe, 4, tuple(resolved)),
+    predicted = sum(saved_activation_bytes(ModelShape.from_config(cfg), JobSpec(recipe, 4, tuple(resolved),
+                                                                                   act_bits=act_bits),
                                            batch, seq).values())
     assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)  # the issue asks 10%
 
@@ -80,7 +83,8 @@ def test_compile_records_plan_and_train_refuses_overflow(capsys, tmp_path, tiny_
                        'dtypes = ["float32"]\ndefault_dtype = "float32"\nmemory_bandwidth_gbps = 10.0\n'
                        'peak_tflops = 0.1\n')
     out = tmp_path / "c"
-    assert main(["compile", str(tiny_hf_dir), "--recipe", "lora", "--device", str(profile), "--out", str(out)]) == 0
+    assert main(["compile", str(tiny_hf_dir), "--recipe", "lora", "--device", str(profile), "--out", str(out),
+                 "--act-bits", "16"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["fits"] and manifest["plan"]["device"] == "tiny"
     data = tmp_path / "d.txt"

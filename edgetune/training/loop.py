@@ -47,6 +47,7 @@ from ..compiler import trainable_parameters
 from ..errors import ArtifactError, EdgetuneError
 from ..fsutil import DiskFull, atomic_file, disk_full_error, is_disk_full
 from ..manifest import read_manifest, write_manifest
+from ..s2a.loss import causal_lm_loss
 from ..tensors import save_tensors
 from .checkpoint import (CKPT_DIR, METRICS_FILE, list_checkpoints, load_latest_checkpoint, optimizer_from_tensors,
                          remove_torn_checkpoints, rng_state, save_checkpoint, set_rng_state)
@@ -362,7 +363,7 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                 lr = lr_at(step, total, config.lr, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch)
                 if not torch.isfinite(loss):
                     raise EdgetuneError(f"loss became {loss.item()} at step {step}; lower --lr")
                 loss.backward()

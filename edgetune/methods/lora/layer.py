@@ -24,6 +24,8 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Set by the S2A rewrite: save the LoRA input compressed (edgetune.s2a.functions.Compression).
+        self.compression = None
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # PEFT's default: kaiming-uniform A (a = sqrt(5)), zero B, so training starts at the base.
@@ -34,7 +36,12 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         y = self.base(x)  # (B, T, out)
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (B, T, r)
+        x = self.dropout(x)
+        if self.compression is not None and torch.is_grad_enabled() and (self.lora_A.requires_grad or x.requires_grad):
+            from ...s2a.functions import LeanLoraBranch
+
+            return y + LeanLoraBranch.apply(x, self.lora_A, self.lora_B, self.scaling, self.compression).to(y.dtype)
+        h = x.to(self.lora_A.dtype) @ self.lora_A.t()  # (B, T, r)
         return y + (h @ self.lora_B.t()).to(y.dtype) * self.scaling
 
     def extra_repr(self) -> str:

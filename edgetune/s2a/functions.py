@@ -1,0 +1,327 @@
+"""Autograd Functions that save only compressed activations for backward.
+
+Each Function computes its forward exactly and hands ``ctx.save_for_backward`` nothing but
+compressed tensors (4-bit codes, 1-bit masks, 8-bit groups) plus tiny per-row statistics, so
+``torch.autograd.graph.saved_tensors_hooks`` sees exactly what is kept. Shapes and Python
+constants go on ctx; no full-precision tensor does.
+
+The compression formats live in :mod:`edgetune.quant.actpack`; the derivative tables in
+:mod:`edgetune.s2a.tables`.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgetune.quant.actpack import (Int8Groups, dequantize_int8_groups, pack_bits, pack_nibbles,
+                                    quantize_int8_groups, unpack_bits, unpack_nibbles)
+
+from .tables import DERIVATIVES, FORWARDS, table_for
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How saved activations are stored: ``act_bits`` 8 or 4 (16 means "not rewritten").
+
+    ``gate_code4``: in a gated unit f(g)·u, keep a 4-bit derivative code of g plus 8-bit f(g)
+    instead of 8-bit g (see :class:`LeanGatedProduct` for why that is off by default).
+    """
+
+    act_bits: int = 4
+    group: int = 64
+    stochastic: bool = False
+    gate_code4: bool = False
+
+
+# --------------------------------------------------------------------------- int8 save helpers
+# One input often feeds several ops (q/k/v share the normalised hidden state; gate/up share
+# theirs). Quantizing it once and saving the same codes from every consumer keeps one copy, as
+# autograd itself does for a shared fp tensor. The cache is keyed by tensor identity and version
+# and drops an entry when its source tensor is freed.
+_INT8_CACHE: dict[int, tuple] = {}
+
+
+def _drop(key: int) -> None:
+    _INT8_CACHE.pop(key, None)
+
+
+def int8_shared(x: torch.Tensor, comp: Compression) -> Int8Groups:
+    key = id(x)
+    hit = _INT8_CACHE.get(key)
+    if hit is not None:
+        ref, version, group, stochastic, q = hit
+        if ref() is x and version == x._version and group == comp.group and stochastic == comp.stochastic:
+            return q
+    q = quantize_int8_groups(x, comp.group, comp.stochastic)
+    _INT8_CACHE[key] = (weakref.ref(x), x._version, comp.group, comp.stochastic, q)
+    weakref.finalize(x, _drop, key)
+    return q
+
+
+def _save_int8(q: Int8Groups) -> tuple[torch.Tensor, ...]:
+    return q.codes, q.lo, q.scale
+
+
+def _load_int8(codes, lo, scale, shape, dtype) -> torch.Tensor:
+    return dequantize_int8_groups(Int8Groups(codes, lo, scale, shape, dtype))
+
+
+def _sum_to(grad: torch.Tensor, features: int) -> torch.Tensor:
+    return grad.reshape(-1, features).sum(0)
+
+
+# --------------------------------------------------------------------------- pointwise nonlinearities
+
+
+class Act4Pointwise(torch.autograd.Function):
+    """y = f(x) saving a 4-bit derivative code of x; backward = levels[code] · dY."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: str):
+        table = table_for(op, 4)
+        ctx.save_for_backward(pack_nibbles(table.encode(x)))
+        ctx.op, ctx.shape, ctx.numel = op, x.shape, x.numel()
+        return FORWARDS[op](x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        codes = unpack_nibbles(packed, ctx.numel).view(ctx.shape)
+        return grad * table_for(ctx.op, 4).derivative(codes, grad.dtype), None
+
+
+class Int8Pointwise(torch.autograd.Function):
+    """y = f(x) saving x in 8-bit groups; backward = f′(x̂) · dY with the exact derivative."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: str, comp: Compression):
+        ctx.save_for_backward(*_save_int8(int8_shared(x, comp)))
+        ctx.op, ctx.shape, ctx.dtype = op, x.shape, x.dtype
+        return FORWARDS[op](x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = _load_int8(*ctx.saved_tensors, ctx.shape, torch.float32)
+        return grad * DERIVATIVES[ctx.op](x).to(grad.dtype), None, None
+
+
+class Relu1Bit(torch.autograd.Function):
+    """y = max(x, 0) saving one bit per element: ReLU's derivative is exactly the mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        mask = x > 0
+        ctx.save_for_backward(pack_bits(mask))
+        ctx.shape, ctx.numel = x.shape, x.numel()
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return grad * unpack_bits(packed, ctx.numel).view(ctx.shape).to(grad.dtype)
+
+
+def lean_pointwise(x: torch.Tensor, op: str, comp: Compression) -> torch.Tensor:
+    if op == "relu":
+        return Relu1Bit.apply(x)
+    if comp.act_bits == 4:
+        return Act4Pointwise.apply(x, op)
+    return Int8Pointwise.apply(x, op, comp)
+
+
+# --------------------------------------------------------------------------- gated unit (SwiGLU)
+
+
+class LeanGatedProduct(torch.autograd.Function):
+    """h = f(g) · u, the gated unit of SwiGLU-style MLPs.
+
+    Backward needs f′(g)·u for dg and, unlike a lone nonlinearity, f(g) itself for du. So a 4-bit
+    derivative code of g is not enough here: it needs an 8-bit f(g) beside it. Two layouts:
+
+    * default: g and u in 8 bits, f(ĝ) and f′(ĝ) recomputed exactly — 2 B per element;
+    * ``gate_code4``: 4-bit code of g, 8-bit u and f(g) — 2.5 B per element.
+
+    Against 12 B for fp32 g, f(g), u. On the default model the default layout is both smaller
+    and more accurate (LoRA-gradient cosine 1.000 against 0.985 for the code, batch 1 × 64;
+    ``benchmarks/s2a_memory.py``), so the 4-bit code is used for lone nonlinearities (GELU in
+    GPT-2/ViT, where f′ is all backward needs) and is an option here.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, op: str, comp: Compression):
+        act = FORWARDS[op](g)
+        qu = int8_shared(u, comp)
+        if comp.gate_code4:
+            codes = pack_nibbles(table_for(op, 4).encode(g))
+            ctx.save_for_backward(codes, *_save_int8(qu), *_save_int8(quantize_int8_groups(act, comp.group, comp.stochastic)))
+        else:
+            ctx.save_for_backward(*_save_int8(int8_shared(g, comp)), *_save_int8(qu))
+        ctx.op, ctx.comp, ctx.shape, ctx.numel = op, comp, g.shape, g.numel()
+        return act * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        shape, dtype = ctx.shape, grad.dtype
+        if ctx.comp.gate_code4:
+            codes = unpack_nibbles(saved[0], ctx.numel).view(shape)
+            u = _load_int8(*saved[1:4], shape, dtype)
+            act = _load_int8(*saved[4:7], shape, dtype)
+            dact = table_for(ctx.op, 4).derivative(codes, dtype)
+        else:
+            g = _load_int8(*saved[0:3], shape, torch.float32)
+            u = _load_int8(*saved[3:6], shape, dtype)
+            act, dact = FORWARDS[ctx.op](g).to(dtype), DERIVATIVES[ctx.op](g).to(dtype)
+        return grad * u * dact, grad * act, None, None
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class LeanRMSNorm(torch.autograd.Function):
+    """y = w · x / rms(x), computed in fp32 like transformers' Llama/Qwen2 RMSNorm.
+
+    Saves x in 8-bit groups plus the exact per-row 1/rms; backward
+    dx = r · (gw − n · mean(gw · n)) with n = x̂ · r, gw = dY · w.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, comp: Compression):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        y = weight * (h * rstd).to(x.dtype)
+        ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), rstd, weight)
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, lo, scale, rstd, weight = ctx.saved_tensors
+        n = _load_int8(codes, lo, scale, ctx.shape, torch.float32) * rstd  # (..., C)
+        gw = grad.float() * weight.float()
+        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
+        dw = _sum_to(grad.float() * n, n.shape[-1]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.to(grad.dtype), dw, None, None
+
+
+class LeanLayerNorm(torch.autograd.Function):
+    """LayerNorm saving x in 8-bit groups plus the exact per-row mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, bias, eps: float, comp: Compression):
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + eps)
+        n = ((h - mean) * rstd).to(x.dtype)
+        y = n if weight is None else n * weight
+        y = y if bias is None else y + bias
+        ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), mean, rstd, weight)
+        ctx.shape, ctx.has_weight = x.shape, weight is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, lo, scale, mean, rstd, weight = ctx.saved_tensors
+        n = (_load_int8(codes, lo, scale, ctx.shape, torch.float32) - mean) * rstd
+        g = grad.float()
+        gw = g * weight.float() if ctx.has_weight else g
+        dx = rstd * (gw - gw.mean(-1, keepdim=True) - n * (gw * n).mean(-1, keepdim=True))
+        c = n.shape[-1]
+        dw = _sum_to(g * n, c).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        db = _sum_to(g, c).to(grad.dtype) if ctx.needs_input_grad[2] else None
+        return dx.to(grad.dtype), dw, db, None, None
+
+
+# --------------------------------------------------------------------------- LoRA branch
+
+
+class LeanLoraBranch(torch.autograd.Function):
+    """scaling · (x Aᵀ) Bᵀ saving x in 8-bit groups (for dA) and the small x Aᵀ (for dB).
+
+    x (..., in), A (r, in), B (out, r). dA = (dY·s·B)ᵀ x̂ needs x; dx = dY·s·B·A and dB = (dY·s)ᵀ (xAᵀ)
+    do not.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression):
+        h = x.to(A.dtype) @ A.t()  # (..., r)
+        ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), h, A, B)
+        ctx.shape, ctx.scaling = x.shape, scaling
+        return (h @ B.t()) * scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, lo, scale, h, A, B = ctx.saved_tensors
+        go = grad.to(B.dtype) * ctx.scaling  # (..., out)
+        dh = go @ B  # (..., r)
+        r = h.shape[-1]
+        dA = dB = dx = None
+        if ctx.needs_input_grad[1]:
+            x = _load_int8(codes, lo, scale, ctx.shape, A.dtype)
+            dA = dh.reshape(-1, r).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            dB = go.reshape(-1, go.shape[-1]).t() @ h.reshape(-1, r)
+        if ctx.needs_input_grad[0]:
+            dx = (dh @ A).to(grad.dtype)
+        return dx, dA, dB, None, None
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class LeanCpuAttention(torch.autograd.Function):
+    """Flash attention on the CPU keeping q, k, v and the output in 8 bits, plus the log-sum-exp.
+
+    Forward and backward are torch's own flash kernels for the CPU, so no T×T probability tensor
+    exists beyond one tile, and backward recomputes it from q, k and the log-sum-exp. k and v are
+    saved before the GQA head expansion (B, H_kv, T, D).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale, n_rep: int, comp: Compression):
+        ke, ve = (k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)) if n_rep > 1 else (k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, ke, ve, 0.0, is_causal, attn_mask=mask, scale=scale)
+        saved = [quantize_int8_groups(t, comp.group, comp.stochastic) for t in (q, k, v, out)]
+        ctx.save_for_backward(*[t for s in saved for t in _save_int8(s)], lse,
+                              mask if mask is not None else torch.empty(0))
+        ctx.meta = (q.shape, k.shape, out.shape, q.dtype, is_causal, scale, n_rep, mask is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, ks, out_shape, dtype, is_causal, scale, n_rep, has_mask = ctx.meta
+        t = ctx.saved_tensors
+        q = _load_int8(*t[0:3], qs, dtype)
+        k = _load_int8(*t[3:6], ks, dtype)
+        v = _load_int8(*t[6:9], ks, dtype)
+        out = _load_int8(*t[9:12], out_shape, dtype)
+        lse, mask = t[12], (t[13] if has_mask else None)
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        if n_rep > 1:
+            b, h, s, d = dk.shape
+            dk = dk.view(b, h // n_rep, n_rep, s, d).sum(2)
+            dv = dv.view(b, h // n_rep, n_rep, s, d).sum(2)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def lean_attention(q, k, v, mask, is_causal: bool, scale, n_rep: int, comp: Compression, dropout: float = 0.0):
+    """(B, H, T, D) attention; compressed saves on the CPU, torch's SDPA elsewhere.
+
+    On CUDA, SDPA's flash / memory-efficient kernels already keep only q, k, v, out and the
+    log-sum-exp (no T×T tensor); they are used as they are there.
+    """
+    if q.device.type != "cpu" or dropout > 0 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=scale)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return LeanCpuAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, is_causal, scale, n_rep, comp)
