@@ -131,6 +131,10 @@ class JobSpec:
     dtype: str = "float32"
     act_bits: int = 16  # the S2A rewrite: 16 = none, 8 or 4 = compressed saved activations
     gate_code4: bool = False  # S2A: 4-bit derivative code + 8-bit f(g) for the gated MLP's gate
+    # recipe "s2a": bias tuning on every projection and decoder norm, a (length, rank) prompt per block
+    s2a_bias: bool = True
+    s2a_prompt: tuple[int, int] = (16, 4)
+    s2a_nf4: bool = True
 
 
 @dataclass
@@ -173,17 +177,18 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     t = set(job.targets)
     qkv, gate_up = bool(t & {"q_proj", "k_proj", "v_proj"}), bool(t & {"gate_proj", "up_proj"})
-    after_attn = qkv or "o_proj" in t
+    s2a = job.recipe == "s2a"  # a prompt at block 0's input and biases everywhere: every op records
+    after_attn = qkv or "o_proj" in t or s2a
     norm = _q8(n * d) + 4 * n
     attn_layer = 2 * _q8(n * qd) + 2 * _q8(n * kvd) + 4 * n * shape.heads
     mlp_layer = (-(-n * f // 2) + 2 * _q8(n * f)) if job.gate_code4 else 2 * _q8(n * f)
     lora_in = (_q8(n * d) * qkv + _q8(n * qd) * ("o_proj" in t) + _q8(n * d) * gate_up
                + _q8(n * f) * ("down_proj" in t))
     rest = shape.layers - 1
-    norms = rest * 2 * norm + (norm if after_attn else 0) + norm
-    attention = rest * attn_layer + (attn_layer if qkv else 0) + 2 * seq_len * shape.head_dim * a
+    norms = rest * 2 * norm + (norm if after_attn else 0) + (norm if s2a else 0) + norm
+    attention = rest * attn_layer + (attn_layer if qkv or s2a else 0) + 2 * seq_len * shape.head_dim * a
     mlp = rest * mlp_layer + (mlp_layer if after_attn or gate_up else 0)
-    lora = shape.layers * (lora_in + n * r * len(t) * a)
+    lora = 0 if s2a else shape.layers * (lora_in + n * r * len(t) * a)
     rows = batch * (seq_len - 1)
     loss = rows * d * a + rows * 8 + rows * 4
     return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
@@ -204,15 +209,16 @@ def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len:
     lora_in = n * a * (d * qkv + d * gate_up + f * ("down_proj" in t))
     # Block 0: autograd saves only from the first adapted projection on (nothing before it
     # needs a gradient); every later block sees a residual stream that does.
-    after_attn = qkv or "o_proj" in t
-    first_attn = attn_layer if qkv else (n * qd * a if "o_proj" in t else 0)  # o's input alone
-    first_norm = norm if after_attn else 0  # block 0's second norm
+    s2a = job.recipe == "s2a"  # a prompt at block 0's input and biases everywhere: every op records
+    after_attn = qkv or "o_proj" in t or s2a
+    first_attn = attn_layer if qkv or s2a else (n * qd * a if "o_proj" in t else 0)  # o's input alone
+    first_norm = norm * (2 if s2a else 1) if after_attn else 0  # block 0's second norm (and first, s2a)
     first_mlp = 3 * n * f * a if after_attn else n * f * a * (2 * ("gate_proj" in t) + ("up_proj" in t))
     rest = shape.layers - 1
     norms = rest * 2 * norm + first_norm + norm  # + the final norm
     attention = rest * attn_layer + first_attn + 2 * seq_len * shape.head_dim * a  # + rotary cos/sin
     mlp = rest * 3 * n * f * a + first_mlp
-    lora = shape.layers * (lora_in + n * r * len(t) * a)
+    lora = 0 if s2a else shape.layers * (lora_in + n * r * len(t) * a)
     loss = n * shape.vocab * 4 + n * 8
     return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
 
@@ -224,12 +230,17 @@ def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
     frozen = 0
     for name, (o, i) in linears.items():
         numel = o * i * shape.layers
-        if job.recipe == "qlora" and name in job.targets:
+        if (job.recipe == "qlora" or (job.recipe == "s2a" and job.s2a_nf4)) and name in job.targets:
             blocks = -(-o * i // job.blocksize) * shape.layers
             frozen += numel // 2 + (blocks + 4 * blocks // 256 if job.double_quant else 4 * blocks)
         else:
             frozen += numel * a
     frozen += (shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden) * a
+    if job.recipe == "s2a":
+        length, rank = job.s2a_prompt
+        per_block = (sum(o for o, _ in linears.values()) + 2 * shape.hidden) * job.s2a_bias
+        per_block += (length * rank + rank * shape.hidden) if length else 0
+        return frozen, per_block * shape.layers * a
     trainable = sum(job.r * (o + i) for n, (o, i) in linears.items() if n in job.targets) * shape.layers * a
     return frozen, trainable
 
@@ -316,10 +327,15 @@ def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int,
 def job_for(model) -> JobSpec | None:
     """The planner's view of a compiled model, or None for recipes it has no formula for."""
     info = getattr(model, "edgetune", None)
-    if info is None or info.recipe not in ("lora", "qlora"):
+    if info is None or info.recipe not in ("lora", "qlora", "s2a"):
         return None
     cfg = info.config
     from .models.arch import arch_for
+
+    if info.recipe == "s2a":
+        return JobSpec("s2a", 0, tuple(arch_for(model.config).linear_names), cfg.blocksize, cfg.double_quant,
+                       info.dtype, info.compression.act_bits, info.compression.gate_code4, cfg.bias,
+                       (cfg.prompt_len, cfg.prompt_rank), cfg.base == "nf4")
 
     targets = cfg.resolve_targets(arch_for(model.config).linear_names)
     return JobSpec(info.recipe, cfg.r, tuple(targets), getattr(cfg, "blocksize", 64),

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from edgetune.cli import main
 from edgetune.compiler import compile_model
 from edgetune.memory import saved_bytes_of_step
-from edgetune.planner import JobSpec, ModelShape, choose, plan_for_model, saved_activation_bytes, shape_for
+from edgetune.planner import (JobSpec, ModelShape, choose, job_for, plan_for_model, saved_activation_bytes, shape_for,
+                               weight_bytes)
 from edgetune.profiles import load_profile
 
 
@@ -96,3 +97,19 @@ def test_compile_records_plan_and_train_refuses_overflow(capsys, tmp_path, tiny_
     assert code == 2 and "needs" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert main(["train", str(out), "--data", str(data), "--steps", "1", "--batch", "64", "--seq-len", "256",
                  "--out", str(tmp_path / "r"), "--force"]) == 0
+
+
+@pytest.mark.parametrize("act_bits", [16, 4])
+def test_s2a_saved_bytes_and_trainable_count_match_the_formula(act_bits):
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    model = compile_model(AutoModelForCausalLM.from_config(cfg), "s2a", act_bits=act_bits)
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    measured = saved_bytes_of_step(model, {"input_ids": ids, "labels": ids})
+    job = job_for(model)
+    shape = ModelShape.from_config(cfg)
+    predicted = sum(saved_activation_bytes(shape, job, 2, 24).values())
+    assert abs(predicted - measured) <= 8, (predicted, measured)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert weight_bytes(shape, job)[1] == trainable

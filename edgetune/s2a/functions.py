@@ -73,6 +73,11 @@ def _sum_to(grad: torch.Tensor, features: int) -> torch.Tensor:
     return grad.reshape(-1, features).sum(0)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 # --------------------------------------------------------------------------- pointwise nonlinearities
 
 
@@ -104,7 +109,7 @@ class Int8Pointwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x = _load_int8(*ctx.saved_tensors, ctx.shape, torch.float32)
+        x = _load_int8(*ctx.saved_tensors, ctx.shape, _acc(grad.dtype))
         return grad * DERIVATIVES[ctx.op](x).to(grad.dtype), None, None
 
 
@@ -172,7 +177,7 @@ class LeanGatedProduct(torch.autograd.Function):
             act = _load_int8(*saved[4:7], shape, dtype)
             dact = table_for(ctx.op, 4).derivative(codes, dtype)
         else:
-            g = _load_int8(*saved[0:3], shape, torch.float32)
+            g = _load_int8(*saved[0:3], shape, _acc(dtype))
             u = _load_int8(*saved[3:6], shape, dtype)
             act, dact = FORWARDS[ctx.op](g).to(dtype), DERIVATIVES[ctx.op](g).to(dtype)
         return grad * u * dact, grad * act, None, None
@@ -190,7 +195,7 @@ class LeanRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, comp: Compression):
-        h = x.float()
+        h = x.to(_acc(x.dtype))
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         y = weight * (h * rstd).to(x.dtype)
         ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), rstd, weight)
@@ -200,10 +205,11 @@ class LeanRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, lo, scale, rstd, weight = ctx.saved_tensors
-        n = _load_int8(codes, lo, scale, ctx.shape, torch.float32) * rstd  # (..., C)
-        gw = grad.float() * weight.float()
+        acc = rstd.dtype
+        n = _load_int8(codes, lo, scale, ctx.shape, acc) * rstd  # (..., C)
+        gw = grad.to(acc) * weight.to(acc)
         dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
-        dw = _sum_to(grad.float() * n, n.shape[-1]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = _sum_to(grad.to(acc) * n, n.shape[-1]).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.to(grad.dtype), dw, None, None
 
 
@@ -212,7 +218,7 @@ class LeanLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight, bias, eps: float, comp: Compression):
-        h = x.float()
+        h = x.to(_acc(x.dtype))
         mean = h.mean(-1, keepdim=True)
         rstd = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + eps)
         n = ((h - mean) * rstd).to(x.dtype)
@@ -225,9 +231,10 @@ class LeanLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         codes, lo, scale, mean, rstd, weight = ctx.saved_tensors
-        n = (_load_int8(codes, lo, scale, ctx.shape, torch.float32) - mean) * rstd
-        g = grad.float()
-        gw = g * weight.float() if ctx.has_weight else g
+        acc = rstd.dtype
+        n = (_load_int8(codes, lo, scale, ctx.shape, acc) - mean) * rstd
+        g = grad.to(acc)
+        gw = g * weight.to(acc) if ctx.has_weight else g
         dx = rstd * (gw - gw.mean(-1, keepdim=True) - n * (gw * n).mean(-1, keepdim=True))
         c = n.shape[-1]
         dw = _sum_to(g * n, c).to(grad.dtype) if ctx.needs_input_grad[1] else None

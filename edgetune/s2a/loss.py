@@ -22,8 +22,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         valid = labels != IGNORE_INDEX
         count = int(valid.sum())
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        total = hidden.new_zeros((), dtype=torch.float32)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        total = hidden.new_zeros((), dtype=acc)
         for s in range(0, n, chunk):
             logits = _logits(hidden[s:s + chunk], weight, bias)  # (c, V) fp32
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
@@ -39,10 +40,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
-        scale = grad.float() / max(ctx.count, 1)
+        acc = lse.dtype
+        scale = grad.to(acc) / max(ctx.count, 1)
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[2] else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if ctx.needs_input_grad[2] else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s:s + ctx.chunk]
             y = labels[s:s + ctx.chunk]
@@ -53,7 +55,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 dh[s:s + ctx.chunk] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
             if dw is not None:
-                dw += p.t() @ h.float()
+                dw += p.t() @ h.to(acc)
             if db is not None:
                 db += p.sum(0)
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(weight.dtype),
@@ -64,7 +66,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     out = h @ weight.t()
     if bias is not None:
         out = out + bias
-    return out.float()
+    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:

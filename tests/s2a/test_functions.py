@@ -1,0 +1,119 @@
+"""The compressed-saving autograd Functions against exact autograd.
+
+Where the saved form is 8-bit, inputs on each group's 255-step grid make it lossless, so
+``torch.autograd.gradcheck`` in float64 checks the hand-written backward exactly. The 4-bit
+derivative code is approximate by design: its backward is checked to be exactly
+levels[code]·dY and close to the true gradient.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetune.s2a.functions import (Act4Pointwise, Compression, LeanGatedProduct, LeanLayerNorm, LeanLoraBranch,
+                                    LeanRMSNorm, Relu1Bit, lean_attention)
+from edgetune.s2a.loss import ChunkedLinearCrossEntropy
+from edgetune.s2a.tables import table_for
+
+C8 = Compression(act_bits=8)
+
+
+def grid(shape, seed=0, lo=-1.0):
+    """float64 values lo + k/128, k in [0, 255], with k = 0 and 255 in every group of 64."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+    k[0::64], k[1::64] = 0, 255
+    return (lo + k.double() / 128).view(shape).requires_grad_()
+
+
+def test_chunked_cross_entropy_gradcheck_and_matches_plain():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(11, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(13, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 13, (11,), generator=g)
+    y[3] = -100
+    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, 4), (h, w, b))
+    plain = F.cross_entropy(h @ w.t() + b, y, ignore_index=-100)
+    assert torch.allclose(ChunkedLinearCrossEntropy.apply(h, w, b, y, 4), plain, atol=1e-12)
+
+
+def test_rmsnorm_gradcheck():
+    x = grid((3, 64))
+    w = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: LeanRMSNorm.apply(x, w, 1e-6, C8), (x, w))
+
+
+def test_layernorm_gradcheck():
+    x = grid((2, 64), seed=1)
+    w = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: LeanLayerNorm.apply(x, w, b, 1e-5, C8), (x, w, b))
+    assert torch.allclose(LeanLayerNorm.apply(x, w, b, 1e-5, C8), F.layer_norm(x, (64,), w, b, 1e-5))
+
+
+def test_lora_branch_gradcheck():
+    x = grid((2, 3, 64), seed=2)
+    A = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: LeanLoraBranch.apply(x, A, B, 2.0, C8), (x, A, B))
+
+
+def test_gated_product_8bit_gradcheck():
+    g, u = grid((2, 64), seed=3, lo=-2.0), grid((2, 64), seed=4)
+    assert torch.autograd.gradcheck(lambda g, u: LeanGatedProduct.apply(g, u, "silu", C8), (g, u))
+
+
+def test_relu_1bit_gradcheck():
+    x = torch.randn(37, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x = (x + 0.1 * x.sign()).requires_grad_()  # away from the kink
+    assert torch.autograd.gradcheck(Relu1Bit.apply, (x,))
+
+
+@pytest.mark.parametrize("op", ["silu", "gelu", "gelu_tanh"])
+def test_act4_backward_is_the_table_and_close_to_exact(op):
+    x = torch.randn(4097, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    dy = torch.randn(4097, generator=torch.Generator().manual_seed(7))
+    Act4Pointwise.apply(x, op).backward(dy)
+    t = table_for(op, 4)
+    assert torch.equal(x.grad, dy * t.levels[t.encode(x).long()])
+    x2 = x.detach().clone().requires_grad_()
+    {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[op](x2).backward(dy)
+    assert F.cosine_similarity(x.grad, x2.grad, dim=0) > 0.995
+
+
+def test_gated_product_code4_layout_is_close():
+    g = torch.randn(3, 100, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    u = torch.randn(3, 100, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    dy = torch.randn(3, 100, generator=torch.Generator().manual_seed(10))
+    LeanGatedProduct.apply(g, u, "silu", Compression(4, gate_code4=True)).backward(dy)
+    g2, u2 = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    (F.silu(g2) * u2).backward(dy)
+    assert F.cosine_similarity(g.grad.flatten(), g2.grad.flatten(), dim=0) > 0.99
+    assert F.cosine_similarity(u.grad.flatten(), u2.grad.flatten(), dim=0) > 0.9999
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_sdpa_with_gqa(masked):
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 9, 16, generator=gen, requires_grad=True)
+    k = torch.randn(2, 2, 9, 16, generator=gen, requires_grad=True)
+    v = torch.randn(2, 2, 9, 16, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 4, 9, 16, generator=gen)
+    mask = None
+    if masked:  # causal plus two padded key positions in the first row
+        keep = torch.ones(9, 9).tril().bool().expand(2, 1, 9, 9).clone()
+        keep[0, :, :, :2] = False
+        keep[0, :, :2, :2] = True
+        mask = keep
+    out = lean_attention(q, k, v, mask, not masked, None, 2, C8)
+    out.backward(dy)
+    refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(refs[0], refs[1].repeat_interleave(2, 1), refs[2].repeat_interleave(2, 1),
+                                         attn_mask=mask, is_causal=not masked)
+    ref.backward(dy)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for t, r in zip((q, k, v), refs):
+        assert F.cosine_similarity(t.grad.flatten(), r.grad.flatten(), dim=0) > 0.9995
+        assert (t.grad - r.grad).norm() / r.grad.norm() < 0.03
