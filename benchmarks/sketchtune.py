@@ -180,11 +180,15 @@ def part_sketch(args) -> None:
         (f"-calib:{Path(args.calib).stem}" if args.calib is not None else "") + \
         (f"x{args.calib_seq_len}" if args.calib_seq_len is not None else "")
     stats = compiled.edgetune_sketch_stats
+    from edgetune.exporters.sketch import export_sketch_delta
+
+    delta_dir = export_sketch_delta(Path(tempfile.mkdtemp()) / "delta", compiled)  # the adapter's size (fp16 deltas)
+    delta_bytes = sum(f.stat().st_size for f in delta_dir.iterdir())
     write_result(args.results, key, {
         "ppl": ppl, "construct_s": seconds, "load_before": before, "load_after": loadavg(),
         "linear_bytes": code_bytes + table_bytes, "code_bytes": code_bytes, "table_bytes": table_bytes,
         "model_bytes": dense_other + code_bytes + table_bytes, "bits_per_weight": 8 * (code_bytes + table_bytes) / n_weights,
-        "trainable": trainable, "calib_tokens": stats["calib_tokens"],
+        "trainable": trainable, "calib_tokens": stats["calib_tokens"], "delta_bytes": delta_bytes,
         "mean_rel_hessian_error": statistics.mean(g["rel_hessian_error"] for g in stats["groups"]),
     })
     print(key, f"{seconds:.0f} s", ppl, flush=True)
@@ -242,6 +246,13 @@ def part_finetune(args) -> None:
     sketch, tok, _ = load_compiled(args.compiled)
     heldout = build_dataset(DATA / "instructions_heldout.jsonl", tok, SEQ_LEN)
     batches = _batches(tok, args.steps, args.batch, args.seq_len)
+    if args.sketch_norms:  # the recipe's --train-norms: also the RMSNorm weights
+        from edgetune.methods.sketchtune.model import _is_norm
+
+        for module in sketch.modules():
+            if _is_norm(module):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(True)
     init = {n: p.detach().clone() for n, p in sketch.named_parameters() if p.requires_grad}
     for lr in args.sketch_lr:
         with torch.no_grad():
@@ -249,7 +260,7 @@ def part_finetune(args) -> None:
                 if n in init:
                     p.copy_(init[n])
         r = _finetune(sketch, batches, lr, heldout)
-        write_result(args.results, f"finetune-sketch-lr{lr:g}", r)
+        write_result(args.results, f"finetune-sketch{'+norms' if args.sketch_norms else ''}-lr{lr:g}", r)
         print("sketch", r, flush=True)
     del sketch
     from peft import LoraConfig, get_peft_model
@@ -272,6 +283,36 @@ def part_finetune(args) -> None:
         del model, base
 
 
+def part_steptime(args) -> None:
+    """Median step time of the sketch tables vs PEFT LoRA r=16, interleaved A B A B in one process."""
+    import edgetune
+    from edgetune.artifact import load_compiled
+    from peft import LoraConfig, get_peft_model
+
+    sketch, tok, _ = load_compiled(args.compiled)
+    base, _ = edgetune.load("default")
+    lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                           "gate_proj", "up_proj", "down_proj"]))
+    batches = _batches(tok, args.timing_steps, args.batch, args.seq_len)
+    sides = {"sketch": sketch, "lora": lora}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in sides.items()}
+    times = {k: [] for k in sides}
+    for step, b in enumerate(batches):
+        for name, model in sides.items():
+            model.train()
+            t = time.perf_counter()
+            model(**b).loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    r = {"sketch_s": med["sketch"], "lora_s": med["lora"], "ratio": med["sketch"] / med["lora"],
+         "steps": len(batches), "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": args.seq_len}
+    write_result(args.results, "steptime", r)
+    print("steptime", r, flush=True)
+
+
 def _mib(b) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -283,19 +324,27 @@ def part_table(args) -> None:
         return
     print(f"\nResults from {args.results}\n")
     print(f"{'model':28s} {'ppl chat':>9s} {'ppl prose':>9s} {'ppl calib*':>10s} {'linears MiB':>11s} "
-          f"{'model MiB':>9s} {'bits/w':>6s} {'build s':>8s} {'trainable':>10s}")
+          f"{'model MiB':>9s} {'bits/w':>6s} {'build s':>8s} {'trainable':>10s} {'delta MB':>8s}")
     for key, r in data.items():
-        if key.startswith("finetune"):
+        if key.startswith("finetune") or key == "steptime":
             continue
         ppl = r["ppl"]
         bpw = r.get("bits_per_weight")
         bpw_s = f"{bpw:.2f}" if bpw else ("16" if key == "fp32" else "4.5")
         build_s = f"{r['construct_s']:.0f}" if "construct_s" in r else "-"
         train_s = f"{r['trainable']:,}" if "trainable" in r else "-"
+        delta_s = f"{r['delta_bytes'] / 1e6:.2f}" if "delta_bytes" in r else "-"
         print(f"{key:28s} {ppl['heldout-chat']:9.3f} {ppl['heldout-prose']:9.3f} {ppl['calib']:10.3f} "
-              f"{_mib(r['linear_bytes']):>11s} {_mib(r['model_bytes']):>9s} {bpw_s:>6s} {build_s:>8s} {train_s:>10s}")
-    print("  * calib.txt is the sketches' calibration text (in-sample for them); fp32 sizes are fp16 sizes")
+              f"{_mib(r['linear_bytes']):>11s} {_mib(r['model_bytes']):>9s} {bpw_s:>6s} {build_s:>8s} {train_s:>10s} "
+              f"{delta_s:>8s}")
+    print("  * calib.txt is part of the sketches' default calibration (in-sample for them); fp32 sizes are fp16 "
+          "sizes")
     ft = {k: v for k, v in data.items() if k.startswith("finetune")}
+    if "steptime" in data:
+        r = data["steptime"]
+        print(f"\nstep time, interleaved, {r['steps']} steps each, batch {r['batch']} x {r['seq_len']}, "
+              f"{r['threads']} thread(s): sketch {r['sketch_s']:.2f} s, PEFT LoRA r=16 {r['lora_s']:.2f} s, "
+              f"ratio {r['ratio']:.2f}")
     if ft:
         print(f"\n{'fine-tune':26s} {'lr':>7s} {'steps':>5s} {'trainable':>10s} {'held-out before':>15s} "
               f"{'after':>7s} {'train first→last':>17s} {'step s':>7s}")
@@ -306,7 +355,7 @@ def part_table(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["baselines", "sketch", "finetune", "table", "all"])
+    parser.add_argument("part", choices=["baselines", "sketch", "finetune", "steptime", "table", "all"])
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--gpr", type=int, default=4)
@@ -322,6 +371,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sketch-lr", type=float, nargs="*", default=[1e-4, 3e-4])
     parser.add_argument("--lora-lr", type=float, nargs="*", default=[3e-4, 1e-3])
     parser.add_argument("--qlora-lr", type=float, nargs="*", default=[1e-3])
+    parser.add_argument("--sketch-norms", action="store_true", help="finetune: also train the norm weights")
+    parser.add_argument("--timing-steps", type=int, default=9, help="steptime: interleaved steps per side")
     args = parser.parse_args(argv)
     os.environ.setdefault("EDGETUNE_PROGRESS", "1")
     print(f"load average {loadavg()} on {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -333,12 +384,15 @@ def main(argv=None) -> None:
             part_sketch(argparse.Namespace(**{**vars(args), "bits": bits, "gpr": 4,
                                               "save": save if bits == 4 else None}))
         part_finetune(argparse.Namespace(**{**vars(args), "compiled": save}))
+        part_steptime(argparse.Namespace(**{**vars(args), "compiled": save}))
     elif args.part == "baselines":
         part_baselines(args)
     elif args.part == "sketch":
         part_sketch(args)
     elif args.part == "finetune":
         part_finetune(args)
+    elif args.part == "steptime":
+        part_steptime(args)
     part_table(args)
 
 

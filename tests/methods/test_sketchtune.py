@@ -252,3 +252,15 @@ def test_default_calibration_is_the_shipped_training_text(tiny_tokenizer):
     assert (cfg.calib_samples, cfg.calib_seq_len) == (128, 128)
     ids = calibration_ids(tiny_tokenizer, cfg)
     assert ids.shape == (128, 128) and len({tuple(r.tolist()) for r in ids}) == 128
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("in_f,gpr", [(13, 1), (12, 4), (7, 2), (64, 8)])
+def test_gather_index_fast_unpack_matches_reference(bits, in_f, gpr):
+    from edgetune.methods.sketchtune.layer import gather_index
+    from edgetune.quant.sketch import group_index
+
+    codes = torch.randint(0, 1 << bits, (5, in_f), generator=torch.Generator().manual_seed(in_f + bits))
+    index = gather_index(pack_codes(codes, bits), bits, in_f, gpr)
+    assert index.dtype == torch.int64 and index.shape == (5, in_f)
+    assert torch.equal(index, codes + group_index(in_f, gpr) * (1 << bits))
