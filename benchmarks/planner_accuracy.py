@@ -5,7 +5,7 @@ artifact (meta-device load, no fp32 copy), records its RSS after imports (the in
 baseline), runs training steps, and reports the saved-for-backward bytes of the first step
 (saved-tensor hooks over unique storages, parameters excluded) and its peak RSS (VmHWM).
 
-    python benchmarks/planner_accuracy.py            # lora + qlora, 2x128 and 4x256
+    python benchmarks/planner_accuracy.py            # lora + qlora, act-bits 16 and 4, 2x128 and 4x256
     python benchmarks/planner_accuracy.py --quick    # one small configuration
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def worker(compiled: str, batch: int, seq: int, steps: int) -> None:
     import edgetune
     from edgetune.memory import SavedTensorCounter
     from edgetune.planner import plan_for_model
+    from edgetune.s2a.loss import causal_lm_loss
 
     baseline = rss_bytes()
     model, tok = edgetune.load_compiled(compiled)
@@ -55,10 +56,10 @@ def worker(compiled: str, batch: int, seq: int, steps: int) -> None:
     for step in range(steps):
         if step == 0:
             with SavedTensorCounter(model) as counter:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
             saved = counter.bytes
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -81,24 +82,25 @@ def main() -> None:
 
     import edgetune
 
-    recipes = ["qlora"] if args.quick else ["lora", "qlora"]
+    recipes = [("qlora", 4)] if args.quick else [(r, b) for r in ("lora", "qlora") for b in (16, 4)]
     sizes = [(1, 64)] if args.quick else [(2, 128), (4, 256)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in recipes:
+        for recipe, bits in recipes:
+            name = f"{recipe}@{bits}"
             model, tok = edgetune.load("default")
-            edgetune.save(edgetune.compile(model, recipe, "cpu-16gb"), Path(tmp) / recipe, tok)
+            edgetune.save(edgetune.compile(model, recipe, "cpu-16gb", act_bits=bits), Path(tmp) / name, tok)
             del model
             for batch, seq in sizes:
-                out = subprocess.run([sys.executable, __file__, "--worker", str(Path(tmp) / recipe), str(batch),
+                out = subprocess.run([sys.executable, __file__, "--worker", str(Path(tmp) / name), str(batch),
                                       str(seq), str(args.steps)], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 measured_peak = r["peak"] - r["baseline"]
-                rows.append((recipe, f"{batch}x{seq}", r["pred_saved"], r["saved"], r["pred_total"], measured_peak,
+                rows.append((name, f"{batch}x{seq}", r["pred_saved"], r["saved"], r["pred_total"], measured_peak,
                              r["pred_step_s"], r["step_s"]))
     mib = 2**20
     print(f"load average {os.getloadavg()[0]:.1f} (2 cores); peak = VmHWM - RSS after imports, fresh process")
-    print("| recipe | batch x seq | saved pred MiB | saved meas MiB | err | peak pred MiB | peak meas MiB | err "
+    print("| recipe@act-bits | batch x seq | saved pred MiB | saved meas MiB | err | peak pred MiB | peak meas MiB | err "
           "| step pred s | step meas s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for recipe, size, ps, ms, pp, mp, pt, mt in rows:

@@ -238,22 +238,25 @@ def devices_cmd(as_json):
 @cli.command("plan")
 @click.argument("model")
 @click.option("--device", default="cpu-16gb", show_default=True, help="device profile name or TOML file")
-@click.option("--recipe", default="qlora", show_default=True, help="lora | qlora")
+@click.option("--recipe", default="qlora", show_default=True, help="lora | qlora | s2a")
 @click.option("--r", "rank", default=16, show_default=True, type=int, help="LoRA rank")
+@click.option("--act-bits", type=click.Choice(["16", "8", "4"]), default="4", show_default=True,
+              help="S2A saved-activation bits, as for compile")
 @click.option("--seq-len", default=None, type=int, help="sequence length (default: the largest that fits)")
 @click.option("--batch", default=None, type=int, help="batch size (default: the largest that fits)")
 @click.option("--dtype", default=None, help="compute dtype (default: the profile's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--png", type=click.Path(), default=None, help="write the breakdown as a bar chart")
-def plan_cmd(model, device, recipe, rank, seq_len, batch, dtype, as_json, png):
+def plan_cmd(model, device, recipe, rank, act_bits, seq_len, batch, dtype, as_json, png):
     """Will MODEL fine-tune on DEVICE? Memory breakdown, and the batch/seq-len that fit."""
     from .planner import JobSpec, choose, format_bytes, shape_for
     from .profiles import load_profile
 
-    if recipe not in ("lora", "qlora"):
-        raise EdgetuneError(f"the planner knows recipes lora and qlora, not {recipe!r}")
+    if recipe not in ("lora", "qlora", "s2a"):
+        raise EdgetuneError(f"the planner knows recipes lora, qlora and s2a, not {recipe!r}")
     profile = load_profile(device)
-    job = JobSpec(recipe, rank, dtype=dtype or profile.default_dtype)
+    job = JobSpec(recipe, 0 if recipe == "s2a" else rank, dtype=dtype or profile.default_dtype,
+                  act_bits=int(act_bits))
     plan = choose(shape_for(model), job, profile, batch, seq_len)
     if png:
         from .plots import plot_plan
@@ -265,8 +268,8 @@ def plan_cmd(model, device, recipe, rank, seq_len, batch, dtype, as_json, png):
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("component", "bytes", title=f"{model} · {recipe} on {profile.name} · batch {plan.batch} x "
-                                                   f"seq {plan.seq_len}")
+        table = Table("component", "bytes", title=f"{model} · {recipe} · act-bits {act_bits} on {profile.name} · "
+                                                   f"batch {plan.batch} x seq {plan.seq_len}")
         for name, n in plan.components.items():
             table.add_row(name, format_bytes(n))
         for name, n in plan.activations.items():

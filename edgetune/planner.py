@@ -312,6 +312,8 @@ def choose(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int |
 
 def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int, seq_len: int) -> str:
     """The cheapest change that makes the job fit, as advice a person can act on."""
+    if job.act_bits != 4 and plan_job(shape, dataclasses.replace(job, act_bits=4), profile, batch, seq_len).fits:
+        return "use --act-bits 4 (compressed saved activations)"
     if job.recipe == "lora" and plan_job(shape, dataclasses.replace(job, recipe="qlora"), profile, batch, seq_len).fits:
         return "use --recipe qlora (NF4 base weights)"
     for t in sorted((s for s in _seq_candidates(shape.context) if s < seq_len), reverse=True):

@@ -100,13 +100,16 @@ def gguf_tensor_name(module_path: str, model_type: str) -> str:
 
 
 def export_gguf_lora(path: str | os.PathLike, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-                     alpha: float, model_config: Mapping | Any, dtype: str = "f16") -> dict:
+                     alpha: float, model_config: Mapping | Any, dtype: str = "f16",
+                     provenance: Mapping[str, str] | None = None) -> dict:
     """Write ``adapters`` ({HF module path: (lora_A (r, in), lora_B (out, r))}) as a GGUF LoRA file.
 
     ``model_config`` is the base model's config (``config.to_dict()`` or the config itself): its
     ``model_type`` picks the GGUF architecture and tensor names, and for Llama its head counts drive
     the q/k permutation. ``dtype`` is ``"f16"`` (what llama.cpp's converter writes) or ``"f32"``.
-    The file is replaced atomically. Returns the metadata written.
+    ``provenance`` (e.g. ``{"base_sha256": ..., "recipe": ...}``) is written as ``edgetune.*`` string
+    keys: a single-file adapter has no manifest beside it, so the file carries what the server needs
+    to refuse it on the wrong base. The file is replaced atomically. Returns the metadata written.
     """
     cfg = _config_dict(model_config)
     model_type = cfg.get("model_type")
@@ -162,12 +165,16 @@ def export_gguf_lora(path: str | os.PathLike, adapters: Mapping[str, tuple[torch
         "general.type": "adapter",
         "adapter.type": "lora",
         "adapter.lora.alpha": float(alpha),
+        **{f"edgetune.{k}": str(v) for k, v in (provenance or {}).items()},
     }
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)  # writes general.architecture itself
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for key, value in metadata.items():
+            if key.startswith("edgetune."):
+                writer.add_string(key, value)
         for name, arr in tensors:
             writer.add_tensor(name, arr)
         writer.write_header_to_file()

@@ -90,6 +90,16 @@ def test_tiny_llama_metadata_names_shapes(tmp_path):
     assert meta2 == meta
 
 
+def test_single_file_adapter_carries_its_provenance(tmp_path):
+    model = build_tiny_model("llama", VOCAB)
+    path = tmp_path / "lora.gguf"
+    export_gguf_lora(path, random_adapters(model), alpha=16, model_config=model.config.to_dict(),
+                     provenance={"base_sha256": "ab" * 32, "recipe": "qlora"})
+    meta, _ = read_gguf_lora(path)
+    assert meta["edgetune.base_sha256"] == "ab" * 32 and meta["edgetune.recipe"] == "qlora"
+    assert meta["adapter.lora.alpha"] == 16.0  # llama.cpp's own keys are untouched
+
+
 def test_tiny_llama_round_trip_with_qk_permutation(tmp_path):
     model = build_tiny_model("llama", VOCAB)
     cfg = model.config
