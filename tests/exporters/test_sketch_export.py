@@ -163,3 +163,33 @@ def test_trained_norms_travel_with_the_delta(tiny_tokenizer, tmp_path):
     assert "model.norm.weight" in info["trained_parameters"]
     load_sketch_delta(out, fresh)
     torch.testing.assert_close(fresh.model.norm.weight, model.model.norm.weight)
+
+
+def test_default_model_4bit_gpr1_delta_is_at_most_6_mb(tmp_path):
+    """The delta's size depends only on shapes: build SmolLM2-135M's sketch layers empty (from the
+    shipped config), fill the tables, export, and weigh the file (the issue's limit: 6 MB)."""
+    from importlib import resources
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgetune.methods import get_method
+    from edgetune.methods.sketchtune.config import SketchTuneConfig
+    from edgetune.models.arch import arch_for
+
+    path = resources.files("edgetune.configs") / "smollm2-135m.json"
+    data = json.loads(path.read_text())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    get_method("sketchtune").apply(model, SketchTuneConfig(bits=4, groups_per_row=1), arch_for(config), False)
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "table_init")}
+    for m in layers.values():
+        m.codes = torch.zeros(m.codes.shape, dtype=torch.uint8)
+        m.table_init = torch.zeros(m.table_init.shape, dtype=torch.float16)
+        m.table = torch.nn.Parameter(torch.full(m.table.shape, 1e-3))
+    rows = sum(m.out_features for m in layers.values())
+    assert len(layers) == 30 * 7 and rows == 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
+    out = export_sketch_delta(tmp_path / "d", model, base_sha256="0" * 64)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    assert rows * 16 * 2 <= size <= 6_000_000, size  # 155,520 rows x 16 entries x 2 bytes + header ~ 5.01 MB
