@@ -1,0 +1,53 @@
+"""S2A adapters: export, reload, and the dense merge that folds biases into plain transformers."""
+import pytest
+import torch
+
+from edgetune.artifact import save_compiled
+from edgetune.compiler import compile_model
+from edgetune.errors import ArtifactError, EdgetuneError
+from edgetune.exporters.s2a import dense_s2a_model, export_s2a, load_s2a, merge_s2a_artifact
+from tiny_models import build_tiny_model
+
+
+def _trained_s2a(vocab, prompt_len=0, seed=0):
+    model = compile_model(build_tiny_model("llama", vocab), "s2a", prompt_len=prompt_len, act_bits=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # stand-in for training: every S2A tensor non-zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_dense_merge_matches_the_s2a_model_in_plain_transformers(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_s2a(len(tiny_tokenizer))
+    save_compiled(model, tiny_tokenizer, tmp_path / "base")
+    export_s2a(tmp_path / "adapter", model)
+    merge_s2a_artifact(tmp_path / "base", tmp_path / "adapter", tmp_path / "dense", dense=True)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    assert plain.config.attention_bias and plain.config.mlp_bias
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 20), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+
+
+def test_adapter_round_trip_and_base_check(tmp_path, tiny_tokenizer):
+    model = _trained_s2a(len(tiny_tokenizer), prompt_len=4)
+    export_s2a(tmp_path / "adapter", model)
+    fresh = compile_model(build_tiny_model("llama", len(tiny_tokenizer)), "s2a", prompt_len=4, act_bits=4)
+    load_s2a(tmp_path / "adapter", fresh)
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+    other = compile_model(build_tiny_model("llama", len(tiny_tokenizer)), "s2a", prompt_len=8, act_bits=4)
+    with pytest.raises(ArtifactError, match=r"has shape \(4, 4\), expected \(8, 4\)"):
+        load_s2a(tmp_path / "adapter", other)
+
+
+def test_a_trained_prompt_is_not_folded(tiny_tokenizer):
+    with pytest.raises(EdgetuneError, match="cannot be folded"):
+        dense_s2a_model(_trained_s2a(len(tiny_tokenizer), prompt_len=4))
