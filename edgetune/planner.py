@@ -168,7 +168,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     the GQA expansion) and output plus the float32 log-sum-exp; the gated MLP keeps 4-bit
     gate and up (or, with ``gate_code4``, the gate's 4-bit derivative code and 8-bit up and SiLU
     outputs); LoRA inputs are 8-bit and shared by the projections that read the same tensor
-    (o_proj's input is a new tensor after the head transpose); the loss head keeps the final
+    (o_proj reads the attention output, already saved); the loss head keeps the final
     hidden states, the labels and one float32 log-sum-exp per row.
     """
     n = batch * seq_len
@@ -182,8 +182,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     norm = _q8(n * d) + 4 * n
     attn_layer = 2 * _q8(n * qd) + 2 * _q8(n * kvd) + 4 * n * shape.heads
     mlp_layer = (-(-n * f // 2) + 2 * _q8(n * f)) if job.gate_code4 else 2 * _q8(n * f)
-    lora_in = (_q8(n * d) * qkv + _q8(n * qd) * ("o_proj" in t) + _q8(n * d) * gate_up
-               + _q8(n * f) * ("down_proj" in t))
+    lora_in = _q8(n * d) * qkv + _q8(n * d) * gate_up + _q8(n * f) * ("down_proj" in t)
     rest = shape.layers - 1
     norms = rest * 2 * norm + (norm if after_attn else 0) + (norm if s2a else 0) + norm
     attention = rest * attn_layer + (attn_layer if qkv or s2a else 0) + 2 * seq_len * shape.head_dim * a

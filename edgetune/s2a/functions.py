@@ -38,23 +38,30 @@ class Compression:
 
 # --------------------------------------------------------------------------- int8 save helpers
 # One input often feeds several ops (q/k/v share the normalised hidden state; gate/up share
-# theirs). Quantizing it once and saving the same codes from every consumer keeps one copy, as
-# autograd itself does for a shared fp tensor. The cache is keyed by tensor identity and version
-# and drops an entry when its source tensor is freed.
-_INT8_CACHE: dict[int, tuple] = {}
+# theirs; o_proj reads a view of the attention output). Quantizing it once and saving the same
+# codes from every consumer keeps one copy, as autograd itself does for a shared fp tensor. A
+# contiguous tensor is keyed by its storage, offset and size, so views of it hit the same entry;
+# the entry checks the version counter (shared by views) and drops itself when its tensor is freed.
+_INT8_CACHE: dict[tuple, tuple] = {}
 
 
-def _drop(key: int) -> None:
+def _drop(key: tuple) -> None:
     _INT8_CACHE.pop(key, None)
 
 
+def _cache_key(x: torch.Tensor) -> tuple:
+    if x.is_contiguous():
+        return ("storage", x.untyped_storage().data_ptr(), x.storage_offset(), x.numel(), x.dtype)
+    return ("object", id(x))
+
+
 def int8_shared(x: torch.Tensor, comp: Compression) -> Int8Groups:
-    key = id(x)
+    key = _cache_key(x)
     hit = _INT8_CACHE.get(key)
     if hit is not None:
         ref, version, group, stochastic, q = hit
-        if ref() is x and version == x._version and group == comp.group and stochastic == comp.stochastic:
-            return q
+        if ref() is not None and version == x._version and group == comp.group and stochastic == comp.stochastic:
+            return q if q.shape == x.shape else Int8Groups(q.codes, q.lo, q.scale, x.shape, q.dtype)
     q = quantize_int8_groups(x, comp.group, comp.stochastic)
     _INT8_CACHE[key] = (weakref.ref(x), x._version, comp.group, comp.stochastic, q)
     weakref.finalize(x, _drop, key)
@@ -292,11 +299,12 @@ class LeanCpuAttention(torch.autograd.Function):
         ke, ve = (k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)) if n_rep > 1 else (k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, ke, ve, 0.0, is_causal, attn_mask=mask, scale=scale)
-        saved = [quantize_int8_groups(t, comp.group, comp.stochastic) for t in (q, k, v, out)]
+        out_t = out.transpose(1, 2).contiguous()  # (B, T, H, D): the layout o_proj reads (same codes)
+        saved = [quantize_int8_groups(t, comp.group, comp.stochastic) for t in (q, k, v)] + [int8_shared(out_t, comp)]
         ctx.save_for_backward(*[t for s in saved for t in _save_int8(s)], lse,
                               mask if mask is not None else torch.empty(0))
-        ctx.meta = (q.shape, k.shape, out.shape, q.dtype, is_causal, scale, n_rep, mask is not None)
-        return out
+        ctx.meta = (q.shape, k.shape, out_t.shape, q.dtype, is_causal, scale, n_rep, mask is not None)
+        return out_t
 
     @staticmethod
     def backward(ctx, grad):
@@ -305,12 +313,13 @@ class LeanCpuAttention(torch.autograd.Function):
         q = _load_int8(*t[0:3], qs, dtype)
         k = _load_int8(*t[3:6], ks, dtype)
         v = _load_int8(*t[6:9], ks, dtype)
-        out = _load_int8(*t[9:12], out_shape, dtype)
+        out = _load_int8(*t[9:12], out_shape, dtype).transpose(1, 2).contiguous()  # (B, H, T, D)
         lse, mask = t[12], (t[13] if has_mask else None)
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        grad = grad.transpose(1, 2).contiguous()  # (B, T, H, D) -> (B, H, T, D)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+            grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
         if n_rep > 1:
             b, h, s, d = dk.shape
             dk = dk.view(b, h // n_rep, n_rep, s, d).sum(2)
@@ -319,7 +328,7 @@ class LeanCpuAttention(torch.autograd.Function):
 
 
 def lean_attention(q, k, v, mask, is_causal: bool, scale, n_rep: int, comp: Compression, dropout: float = 0.0):
-    """(B, H, T, D) attention; compressed saves on the CPU, torch's SDPA elsewhere.
+    """(B, H, T, D) q, k, v -> (B, T, H, D) output; compressed saves on the CPU, torch's SDPA elsewhere.
 
     On CUDA, SDPA's flash / memory-efficient kernels already keep only q, k, v, out and the
     log-sum-exp (no T×T tensor); they are used as they are there.
@@ -327,8 +336,9 @@ def lean_attention(q, k, v, mask, is_causal: bool, scale, n_rep: int, comp: Comp
     if q.device.type != "cpu" or dropout > 0 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                              scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                             scale=scale)
+        return out.transpose(1, 2).contiguous()
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     return LeanCpuAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask, is_causal, scale, n_rep, comp)

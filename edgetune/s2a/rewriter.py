@@ -196,8 +196,7 @@ def lean_attention_forward(module, query, key, value, attention_mask, dropout: f
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = lean_attention(query, key, value, mask, causal, scaling, n_rep, comp, dropout)  # (B, H, T, D)
-    return out.transpose(1, 2).contiguous(), None
+    return lean_attention(query, key, value, mask, causal, scaling, n_rep, comp, dropout), None  # (B, T, H, D)
 
 
 def register_attention() -> None:

@@ -100,7 +100,7 @@ def test_attention_matches_sdpa_with_gqa(masked):
     q = torch.randn(2, 4, 9, 16, generator=gen, requires_grad=True)
     k = torch.randn(2, 2, 9, 16, generator=gen, requires_grad=True)
     v = torch.randn(2, 2, 9, 16, generator=gen, requires_grad=True)
-    dy = torch.randn(2, 4, 9, 16, generator=gen)
+    dy = torch.randn(2, 9, 4, 16, generator=gen)  # the output is (B, T, H, D)
     mask = None
     if masked:  # causal plus two padded key positions in the first row
         keep = torch.ones(9, 9).tril().bool().expand(2, 1, 9, 9).clone()
@@ -111,7 +111,7 @@ def test_attention_matches_sdpa_with_gqa(masked):
     out.backward(dy)
     refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(refs[0], refs[1].repeat_interleave(2, 1), refs[2].repeat_interleave(2, 1),
-                                         attn_mask=mask, is_causal=not masked)
+                                         attn_mask=mask, is_causal=not masked).transpose(1, 2)
     ref.backward(dy)
     assert torch.allclose(out, ref, atol=1e-5)
     for t, r in zip((q, k, v), refs):
