@@ -145,13 +145,20 @@ def compile_cmd(model, recipe, device, out, overwrite, act_bits, act_stochastic,
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its newest valid checkpoint")
 @click.option("--force", is_flag=True, help="train even if the planner says it does not fit the device")
+@click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True,
+              help="torch on a compiled directory, or ONNX Runtime Training on a directory from export-training")
 @train_options
-def train_cmd(compiled, data, out, overwrite, resume, force, **options):
+def train_cmd(compiled, data, out, overwrite, resume, force, backend, **options):
     """Fine-tune a COMPILED artifact directory on --data."""
     from . import api
 
-    result = api.train(compiled, data, out, overwrite=overwrite, resume=resume, force=force,
-                       **_given(train_options.fields, options))
+    given = _given(train_options.fields, options)
+    if backend == "ort":
+        from .ort.train import train_ort
+
+        result = train_ort(compiled, data, out, overwrite=overwrite, resume=resume, **given)
+    else:
+        result = api.train(compiled, data, out, overwrite=overwrite, resume=resume, force=force, **given)
     click.echo(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.last_loss:.4f}; run in {out}")
 
 

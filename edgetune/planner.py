@@ -165,7 +165,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     """Saved bytes after the S2A rewrite (act-bits 8 or 4), by layer type.
 
     Norms keep an 8-bit input and a float32 1/rms per row; attention keeps 8-bit q, k, v (before
-    the GQA expansion) and output plus the float32 log-sum-exp; the gated MLP keeps 4-bit
+    the GQA expansion) and output plus the float32 log-sum-exp; the gated MLP keeps 8-bit
     gate and up (or, with ``gate_code4``, the gate's 4-bit derivative code and 8-bit up and SiLU
     outputs); LoRA inputs are 8-bit and shared by the projections that read the same tensor
     (o_proj reads the attention output, already saved); the loss head keeps the final
