@@ -95,3 +95,21 @@ def test_s2a_act4_gradient_is_identical_on_every_cpu_backend():
             Act4Pointwise.apply(x, "silu").backward(dy)
             grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_doctor_lists_every_backend_with_a_reason():
+    import json
+
+    from click.testing import CliRunner
+
+    from edgetune.cli import cli
+
+    res = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert [r["backend"] for r in info["backends"]] == list(registry.BACKENDS)
+    assert all(r["reason"] for r in info["backends"])
+    cpu_ok = registry.status("cpu")[0]
+    assert info["active"]["cpu"]["act4_forward"] == ("cpu" if cpu_ok else "reference")
+    text = CliRunner().invoke(cli, ["doctor"]).output
+    assert "reference" in text and "cuda" in text and "active on cpu" in text
