@@ -48,13 +48,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x
         if (np) {
           const float* r = np + base;
           for (int64_t j = 0; j < group; ++j) {
-            float v = std::floor((buf[j] - mn) * inv + r[j]);
+            // v + r >= 0, so truncation is floor (and vectorises, unlike std::floor without SSE4.1)
+            float v = static_cast<float>(static_cast<int32_t>((buf[j] - mn) * inv + r[j]));
             v = std::min(std::max(v, 0.0f), 255.0f);
             out[j] = static_cast<uint8_t>(v);
           }
         } else {
           for (int64_t j = 0; j < group; ++j) {
-            float v = std::nearbyint((buf[j] - mn) * inv);
+            // round half to even for 0 <= t < 2^22: adding and subtracting 1.5 * 2^23 (default rounding mode)
+            const float t = (buf[j] - mn) * inv;
+            float v = (t + 12582912.0f) - 12582912.0f;
             v = std::min(std::max(v, 0.0f), 255.0f);
             out[j] = static_cast<uint8_t>(v);
           }

@@ -16,6 +16,9 @@ constexpr int64_t kTileElems = 1 << 16;  // ~256 KB of fp32 weight per tile
 template <typename scalar_t>
 static void dequant_rows(const uint8_t* pp, const float* ap, int64_t r0, int64_t r1, int64_t in_f,
                          int64_t blocksize, scalar_t* dst) {
+  int shift = 0;
+  while ((int64_t(1) << shift) < blocksize) ++shift;
+  TORCH_CHECK((int64_t(1) << shift) == blocksize, "nf4: blocksize must be a power of two");
   at::parallel_for(r0, r1, 1, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       scalar_t* d = dst + (r - r0) * in_f;
@@ -24,7 +27,7 @@ static void dequant_rows(const uint8_t* pp, const float* ap, int64_t r0, int64_t
         const int64_t e = e0 + c;
         const uint8_t byte = pp[e >> 1];
         const uint8_t q = (e & 1) ? (byte & 0x0F) : (byte >> 4);
-        d[c] = static_cast<scalar_t>(kNF4[q] * ap[e / blocksize]);
+        d[c] = static_cast<scalar_t>(kNF4[q] * ap[e >> shift]);
       }
     }
   });

@@ -15,6 +15,12 @@ static inline int code_at(const uint8_t* row, int64_t nbytes, int64_t c, int bit
   return static_cast<int>((v >> shift) & ((1u << bits) - 1));
 }
 
+static std::vector<int32_t> column_offsets(int64_t in_f, int64_t gpr, int64_t K) {
+  std::vector<int32_t> off(in_f);
+  for (int64_t c = 0; c < in_f; ++c) off[c] = static_cast<int32_t>((c * gpr / in_f) * K);
+  return off;
+}
+
 static void check_sketch(const at::Tensor& codes, int64_t bits, int64_t in_f) {
   TORCH_CHECK(bits >= 1 && bits <= 8, "sketch: bits must be in 1..8");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte, "sketch: codes must be uint8 (out, nbytes)");
@@ -33,6 +39,7 @@ at::Tensor sketch_gather(const at::Tensor& table_, const at::Tensor& codes_, int
   auto w = at::empty({out_f, in_f}, table.options());
   const int64_t nbytes = codes.size(1);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const auto off = column_offsets(in_f, gpr, K);
   ET_DISPATCH_FLOATS(table.scalar_type(), "sketch_gather", [&] {
     const scalar_t* tp = table.data_ptr<scalar_t>();
     scalar_t* wp = w.data_ptr<scalar_t>();
@@ -41,7 +48,13 @@ at::Tensor sketch_gather(const at::Tensor& table_, const at::Tensor& codes_, int
         const uint8_t* row = cp + r * nbytes;
         const scalar_t* t = tp + r * gpr * K;
         scalar_t* o = wp + r * in_f;
-        for (int64_t c = 0; c < in_f; ++c) o[c] = t[(c * gpr / in_f) * K + code_at(row, nbytes, c, static_cast<int>(bits))];
+        if (bits == 4) {
+          for (int64_t c = 0; c < in_f; ++c) o[c] = t[off[c] + ((row[c >> 1] >> ((c & 1) << 2)) & 15)];
+        } else if (bits == 2) {
+          for (int64_t c = 0; c < in_f; ++c) o[c] = t[off[c] + ((row[c >> 2] >> ((c & 3) << 1)) & 3)];
+        } else {
+          for (int64_t c = 0; c < in_f; ++c) o[c] = t[off[c] + code_at(row, nbytes, c, static_cast<int>(bits))];
+        }
       }
     });
   });
@@ -50,21 +63,17 @@ at::Tensor sketch_gather(const at::Tensor& table_, const at::Tensor& codes_, int
 
 template <typename scalar_t, typename acc_t>
 static void scatter_rows(const scalar_t* gp, const uint8_t* cp, acc_t* op, int64_t r0, int64_t r1, int64_t in_f,
-                         int64_t nbytes, int64_t gpr, int64_t K, int bits, int64_t row_offset) {
+                         int64_t nbytes, int64_t gpr, int64_t K, int bits, int64_t row_offset, const int32_t* off) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = cp + (r + row_offset) * nbytes;
     acc_t* o = op + (r + row_offset) * gpr * K;
     const scalar_t* g = gp + r * in_f;
-    if (bits == 4 || bits == 2) {
-      const int per = 8 / bits;
-      const unsigned mask = (1u << bits) - 1;
-      for (int64_t c = 0; c < in_f; ++c) {
-        const int code = (row[c / per] >> ((c % per) * bits)) & mask;
-        o[(c * gpr / in_f) * K + code] += static_cast<acc_t>(g[c]);
-      }
+    if (bits == 4) {
+      for (int64_t c = 0; c < in_f; ++c) o[off[c] + ((row[c >> 1] >> ((c & 1) << 2)) & 15)] += static_cast<acc_t>(g[c]);
+    } else if (bits == 2) {
+      for (int64_t c = 0; c < in_f; ++c) o[off[c] + ((row[c >> 2] >> ((c & 3) << 1)) & 3)] += static_cast<acc_t>(g[c]);
     } else {
-      for (int64_t c = 0; c < in_f; ++c)
-        o[(c * gpr / in_f) * K + code_at(row, nbytes, c, bits)] += static_cast<acc_t>(g[c]);
+      for (int64_t c = 0; c < in_f; ++c) o[off[c] + code_at(row, nbytes, c, bits)] += static_cast<acc_t>(g[c]);
     }
   }
 }
@@ -79,12 +88,13 @@ at::Tensor sketch_scatter_add(const at::Tensor& grad_w_, const at::Tensor& codes
   const auto acc_type = gw.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::zeros({out_f, gpr, K}, gw.options().dtype(acc_type));
   const int64_t nbytes = codes.size(1);
+  const auto off = column_offsets(in_f, gpr, K);
   ET_DISPATCH_FLOATS(gw.scalar_type(), "sketch_scatter_add", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = gw.data_ptr<scalar_t>();
     at::parallel_for(0, out_f, 1, [&](int64_t r0, int64_t r1) {
       scatter_rows<scalar_t, acc_t>(gp, codes.data_ptr<uint8_t>(), out.data_ptr<acc_t>(), r0, r1, in_f, nbytes, gpr, K,
-                                    static_cast<int>(bits), 0);
+                                    static_cast<int>(bits), 0, off.data());
     });
   });
   return out;
@@ -106,6 +116,7 @@ at::Tensor sketch_grad_table(const at::Tensor& dy_, const at::Tensor& x_, const 
   const int64_t nbytes = codes.size(1);
   const int64_t tile = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, in_f));
   auto dyt = dy.t();
+  const auto off = column_offsets(in_f, gpr, K);
   ET_DISPATCH_FLOATS(dy.scalar_type(), "sketch_grad_table", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (int64_t r0 = 0; r0 < out_f; r0 += tile) {
@@ -115,7 +126,7 @@ at::Tensor sketch_grad_table(const at::Tensor& dy_, const at::Tensor& x_, const 
       at::parallel_for(0, r1 - r0, 1, [&](int64_t a, int64_t b) {
         // gp rows are relative to the tile; codes/out rows absolute (row_offset = r0)
         scatter_rows<scalar_t, acc_t>(gp + 0, codes.data_ptr<uint8_t>(), out.data_ptr<acc_t>(), a, b, in_f, nbytes,
-                                      gpr, K, static_cast<int>(bits), r0);
+                                      gpr, K, static_cast<int>(bits), r0, off.data());
       });
     }
   });
