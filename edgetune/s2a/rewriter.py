@@ -120,9 +120,13 @@ def attention_pass(model: nn.Module, comp: Compression) -> list[str]:
     register_attention()
     changed = []
     for path, m in model.named_modules():
-        if type(m).__name__.endswith("Attention") and hasattr(m, "config") and getattr(m, "edgetune_comp", None) != comp:
-            m.edgetune_comp = comp
-            changed.append(path)
+        if type(m).__name__.endswith("Attention") and hasattr(m, "config"):
+            # A module may hold its own config object (a loader can swap model.config after
+            # construction), and it dispatches on *its* config: point each one at us.
+            if getattr(m, "edgetune_comp", None) != comp or m.config._attn_implementation != ATTN_NAME:
+                m.edgetune_comp = comp
+                m.config._attn_implementation = ATTN_NAME
+                changed.append(path)
     if changed and getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         model.config._attn_implementation = ATTN_NAME
     return changed
