@@ -113,3 +113,20 @@ def test_s2a_saved_bytes_and_trainable_count_match_the_formula(act_bits):
     assert abs(predicted - measured) <= 8, (predicted, measured)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert weight_bytes(shape, job)[1] == trainable
+
+
+def test_out_of_memory_advice_comes_from_the_plan(tmp_path):
+    from edgetune.profiles import load_profile
+    from edgetune.training.loop import TrainConfig, oom_advice
+
+    profile = tmp_path / "tiny.toml"
+    profile.write_text('name = "tiny"\ndescription = "a device with 0.3 GiB"\naccelerator = "cpu"\n'
+                       'total_memory_gib = 0.5\nusable_memory_gib = 0.3\ncompute_capability = "none"\n'
+                       'dtypes = ["float32"]\ndefault_dtype = "float32"\nmemory_bandwidth_gbps = 10.0\n'
+                       'peak_tflops = 0.1\n')
+    model = compile_model(AutoModelForCausalLM.from_config(_config("llama")), "lora", load_profile(str(profile)),
+                          act_bits=16)
+    advice = oom_advice(TrainConfig(steps=1, batch=64, seq_len=256), model)
+    assert advice.startswith("the plan agrees") and "--act-bits 4" in advice
+    fits = oom_advice(TrainConfig(steps=1, batch=2, seq_len=32), model)
+    assert "--batch 1" in fits and "less memory is free" in fits

@@ -190,14 +190,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def oom_advice(config: TrainConfig) -> str:
-    """What to change after an out-of-memory error (the planner's job once there is one)."""
+def oom_advice(config: TrainConfig, model: nn.Module | None = None) -> str:
+    """What to change after an out-of-memory error, from the planner where it has a formula."""
+    from ..planner import format_bytes, plan_for_model
+
+    try:
+        plan = plan_for_model(model, config.batch, config.seq_len) if model is not None else None
+    except EdgetuneError:
+        plan = None
+    if plan is not None and not plan.fits and plan.suggestion:
+        return (f"the plan agrees: it needs {format_bytes(plan.total_bytes)} of {format_bytes(plan.budget_bytes)}; "
+                f"{plan.suggestion}")
     tips = []
     if config.batch > 1:
         tips.append(f"--batch {max(1, config.batch // 2)}")
     if config.seq_len > 16:
         tips.append(f"--seq-len {config.seq_len // 2}")
-    return ("lower " + " or ".join(tips)) if tips else "use a smaller model or a lower-memory recipe (qlora)"
+    advice = ("lower " + " or ".join(tips)) if tips else "use a smaller model or a lower-memory recipe (qlora)"
+    if plan is not None:
+        advice += (f" (the plan for {plan.device} expected {format_bytes(plan.total_bytes)} of "
+                   f"{format_bytes(plan.budget_bytes)}: less memory is free than the device profile assumes)")
+    return advice
 
 
 @dataclass
@@ -415,7 +428,7 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise EdgetuneError(f"out of memory at step {step} with --batch {config.batch} --seq-len "
-                                f"{config.seq_len} on {device}: {oom_advice(config)}") from None
+                                f"{config.seq_len} on {device}: {oom_advice(config, model)}") from None
         finally:
             log.close()
     model.eval()
