@@ -22,13 +22,14 @@ from .fsutil import atomic_dir, atomic_file, check_output_path, sha256_file
 from .manifest import artifact_kind, read_manifest, write_manifest
 from .models.loader import load_model
 
-ADAPTER_FORMATS = ("peft", "gguf", "sketch")
+ADAPTER_FORMATS = ("peft", "gguf", "sketch", "s2a")
 
 # `merge`: the adapter directory's manifest kind -> "module:function" that merges it, imported
 # lazily. Each takes (base_dir, adapter_dir, out, *, dense, dtype, force, overwrite) and returns the
 # output path. Another adapter kind plugs in with :func:`register_merger`.
 _MERGERS: dict[str, str] = {
     "sketch-delta": "edgetune.exporters.sketch:merge_sketch_artifact",
+    "s2a-adapter": "edgetune.exporters.s2a:merge_s2a_artifact",
 }
 
 
@@ -169,6 +170,10 @@ def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft"
     info = compiled_info(model)
     if format == "sketch":
         return export_sketch(model, out, overwrite=overwrite)
+    if format == "s2a":
+        from .exporters.s2a import export_s2a
+
+        return export_s2a(out, model, overwrite=overwrite)
     if not hasattr(info.config, "r"):
         raise EdgetuneError(f"recipe {info.recipe!r} has no LoRA adapter to export in {format} format")
     adapters = lora_adapters(model)
@@ -190,8 +195,11 @@ def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft"
         from .exporters.gguf_lora import export_gguf_lora
 
         with atomic_file(out) as tmp:
+            provenance = {"recipe": info.recipe, "base_name": base_name}
+            if base_sha:
+                provenance["base_sha256"] = base_sha
             export_gguf_lora(tmp, adapters, alpha=cfg.alpha, model_config=model.config.to_dict(),
-                             dtype="f16" if dtype == "float16" else "f32")
+                             dtype="f16" if dtype == "float16" else "f32", provenance=provenance)
     return Path(out)
 
 

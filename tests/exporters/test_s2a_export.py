@@ -51,3 +51,23 @@ def test_adapter_round_trip_and_base_check(tmp_path, tiny_tokenizer):
 def test_a_trained_prompt_is_not_folded(tiny_tokenizer):
     with pytest.raises(EdgetuneError, match="cannot be folded"):
         dense_s2a_model(_trained_s2a(len(tiny_tokenizer), prompt_len=4))
+
+
+def test_cli_export_and_merge(tmp_path, tiny_hf_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.cli import main
+
+    compiled, run = tmp_path / "c", tmp_path / "run"
+    assert main(["compile", str(tiny_hf_dir), "--recipe", "s2a", "--prompt-len", "0", "--out", str(compiled)]) == 0
+    data = tmp_path / "d.txt"
+    data.write_text("Edge devices fine-tune small language models with little memory. " * 60)
+    assert main(["train", str(compiled), "--data", str(data), "--steps", "3", "--batch", "2", "--seq-len", "32",
+                 "--lr", "1e-2", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--format", "s2a", "--out", str(tmp_path / "a")]) == 0
+    assert main(["merge", str(compiled), str(tmp_path / "a"), "--dense", "--out", str(tmp_path / "dense")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    assert float(dense.model.layers[0].self_attn.q_proj.bias.abs().sum()) > 0  # the trained biases are in
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "p")]) == 2
+    assert "no LoRA adapter" in capsys.readouterr().err
