@@ -106,11 +106,10 @@ def activations_pass(model: nn.Module, comp: Compression) -> list[str]:
 
 
 def lora_inputs_pass(model: nn.Module, comp: Compression) -> list[str]:
-    from ..methods.lora.layer import LoraLinear
-
+    """Inputs kept for adapter gradients (LoRA's dA, SketchTune's table gradient) go 8-bit."""
     changed = []
     for path, m in model.named_modules():
-        if isinstance(m, LoraLinear) and m.compression != comp:
+        if type(m).__name__ in ("LoraLinear", "SketchLinear") and getattr(m, "compression", None) != comp:
             m.compression = comp
             changed.append(path)
     return changed

@@ -117,3 +117,23 @@ def test_attention_matches_sdpa_with_gqa(masked):
     for t, r in zip((q, k, v), refs):
         assert F.cosine_similarity(t.grad.flatten(), r.grad.flatten(), dim=0) > 0.9995
         assert (t.grad - r.grad).norm() / r.grad.norm() < 0.03
+
+
+def test_sketch_layer_keeps_its_input_in_8_bits():
+    from edgetune.methods.sketchtune.layer import SketchLinear
+
+    g = torch.Generator().manual_seed(12)
+    layer = SketchLinear.from_sketch(torch.randint(0, 16, (24, 70), generator=g),
+                                     torch.randn(24, 2, 16, generator=g).half().float(), 4)
+    x = torch.randn(3, 5, 70, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 24, generator=g)
+    layer(x).backward(dy)
+    exact = layer.table.grad.clone()
+    layer.table.grad = None
+    layer.compression = C8
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.backward(dy)
+    assert all(t.dtype != torch.float32 or t.numel() <= 24 * 2 * 16 for t in saved if t is not None)  # no fp x
+    assert F.cosine_similarity(layer.table.grad.flatten(), exact.flatten(), dim=0) > 0.9999

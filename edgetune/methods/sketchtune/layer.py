@@ -53,47 +53,60 @@ def gather_index(codes_packed: torch.Tensor, bits: int, in_features: int, groups
 
 
 class _SketchMatmul(torch.autograd.Function):
-    """y = x @ gather(table, codes)ᵀ + bias, with grads for x and the table."""
+    """y = x @ gather(table, codes)ᵀ + bias, with grads for x and the table.
+
+    The gather and the table gradient go through the op registry (``edgetune.kernels``: C++ on
+    the CPU when built, the pure-torch reference otherwise). With an S2A ``comp`` the input kept
+    for the table gradient is stored in 8-bit groups (shared with the other projections reading
+    the same tensor) instead of full precision.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, bits: int,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: Optional[torch.Tensor], comp=None) -> torch.Tensor:
+        from edgetune.kernels import ops as kops
+
         # x: (..., in); table: (out, GPR, K); codes: packed uint8 (out, ceil(in*bits/8))
-        out_f, gpr, k = table.shape
         in_f = x.shape[-1]
-        index = gather_index(codes, bits, in_f, gpr)  # (out, in), transient
-        w = table.reshape(out_f, gpr * k).to(x.dtype).gather(1, index)  # (out, in), transient
+        w = kops.sketch_gather(table.detach().to(x.dtype), codes, bits, in_f)  # (out, in), transient
         y = torch.matmul(x, w.t())  # (..., out)
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.codes, ctx.bits, ctx.in_features = codes, bits, in_f  # frozen buffer: a reference, not saved
-        ctx.x_dtype = x.dtype
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(x, table)
-        else:
+        ctx.x_shape, ctx.x_dtype, ctx.compressed = x.shape, x.dtype, False
+        if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(None, table)
+        elif comp is not None:
+            from edgetune.s2a.functions import int8_shared
+
+            q = int8_shared(x, comp)
+            ctx.compressed = True
+            ctx.save_for_backward(q.codes, q.lo, q.scale, table)
+        else:
+            ctx.save_for_backward(x, table)
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, table = ctx.saved_tensors
+        from edgetune.kernels import ops as kops
+
+        *saved, table = ctx.saved_tensors
         out_f, gpr, k = table.shape
-        index = gather_index(ctx.codes, ctx.bits, ctx.in_features, gpr)  # (out, in)
         grad_x = grad_table = None
         if ctx.needs_input_grad[0]:
-            w = table.reshape(out_f, gpr * k).to(grad_out.dtype).gather(1, index)  # (out, in)
+            w = kops.sketch_gather(table.to(grad_out.dtype), ctx.codes, ctx.bits, ctx.in_features)  # (out, in)
             grad_x = torch.matmul(grad_out, w)  # (..., in)
             del w
         if ctx.needs_input_grad[1]:
-            g2 = grad_out.reshape(-1, out_f)  # (N, out)
-            x2 = x.reshape(-1, ctx.in_features).to(g2.dtype)  # (N, in)
-            grad_w = g2.t() @ x2  # (out, in), transient
-            # accumulate the buckets in float32 at least: each sums in / (GPR · K) values on average
-            acc = torch.promote_types(grad_w.dtype, torch.float32)
-            grad_table = torch.zeros(out_f, gpr * k, dtype=acc, device=grad_w.device)
-            grad_table.scatter_add_(1, index, grad_w.to(acc))
+            if ctx.compressed:
+                from edgetune.quant.actpack import Int8Groups, dequantize_int8_groups
+
+                x = dequantize_int8_groups(Int8Groups(*saved, ctx.x_shape, ctx.x_dtype))
+            else:
+                (x,) = saved
+            grad_table = kops.sketch_grad_table(grad_out, x.to(grad_out.dtype), ctx.codes, ctx.bits, gpr)
             grad_table = grad_table.view(out_f, gpr, k).to(table.dtype)
-        return grad_x, grad_table, None, None, None
+        return grad_x, grad_table, None, None, None, None
 
 
 def sketch_linear(x: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, bits: int,
@@ -161,7 +174,8 @@ class SketchLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
-        return _SketchMatmul.apply(x, self.table, self.codes, self.bits, self.bias)
+        comp = getattr(self, "compression", None)
+        return _SketchMatmul.apply(x, self.table, self.codes, self.bits, self.bias, comp)
 
     def _apply(self, fn, recurse=True):
         # Casting the module (.half(), .to(bf16)) casts the table and bias; codes and table_init keep their dtype.
