@@ -80,8 +80,12 @@ def _restore_nonpersistent_buffers(model: nn.Module) -> None:
             setattr(parent, leaf, fresh)
 
 
-def load_compiled(directory: str | os.PathLike):
-    """Load a compiled artifact: (model, tokenizer, manifest). Verifies every file's hash first."""
+def load_compiled(directory: str | os.PathLike, activation_rewrite: bool = True):
+    """Load a compiled artifact: (model, tokenizer, manifest). Verifies every file's hash first.
+
+    ``activation_rewrite=False`` skips the S2A rewrite recorded in the manifest (the ONNX exporter
+    wants the plain ops; forward values are the same).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -101,7 +105,7 @@ def load_compiled(directory: str | os.PathLike):
     freeze_all(model)
     rewritten = method.apply(model, config, arch, False)
     try:
-        compression = Compression(**manifest.get("s2a", {"act_bits": 16}))
+        compression = Compression(**manifest.get("s2a", {"act_bits": 16})) if activation_rewrite else Compression(16)
     except TypeError as exc:
         raise ArtifactError(f"{directory}/manifest.json: malformed s2a entry ({exc})") from None
     report = rewrite(model, compression)

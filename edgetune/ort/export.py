@@ -149,46 +149,10 @@ def load_plain(directory: str | os.PathLike):
     :func:`edgetune.artifact.load_compiled` minus that rewrite: returns (model, tokenizer, manifest,
     recipe config), with only the adapter parameters requiring grad.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from ..artifact import load_compiled
 
-    from ..artifact import BASE_FILE, TRAINABLE_FILE, _restore_nonpersistent_buffers
-    from ..compiler import freeze_all
-    from ..methods import config_from_dict, get_method
-    from ..models.arch import arch_for
-    from ..tensors import load_tensors
-
-    directory = Path(directory)
-    manifest = read_manifest(directory, "compiled")
-    try:
-        method = get_method(manifest["recipe"])
-        config = config_from_dict(method, manifest["recipe_config"])
-        dtype = getattr(torch, manifest["dtype"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"{directory}/manifest.json: malformed ({exc})") from None
-    hf_config = AutoConfig.from_pretrained(str(directory))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    freeze_all(model)
-    method.apply(model, config, arch_for(hf_config), False)
-    state = load_tensors(directory / BASE_FILE)
-    state.update(load_tensors(directory / TRAINABLE_FILE))
-    result = model.load_state_dict(state, strict=False, assign=True)
-    tied = manifest.get("tied", {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(f"{directory}: tensors do not match the recipe "
-                            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-    if tied:
-        model.tie_weights()
-    _restore_nonpersistent_buffers(model)
-    trainable = set(manifest.get("trainable", []))
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, manifest, config
+    model, tokenizer, manifest = load_compiled(directory, activation_rewrite=False)
+    return model, tokenizer, manifest, model.edgetune.config
 
 
 # ----------------------------------------------------------------------------- the loss block
