@@ -13,6 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# Triton kernels are tested on the CPU through its interpreter. The variable must be set before
+# anything imports triton (peft and bitsandbytes do, during collection), or triton.language's own
+# helpers are built for compiled mode and the interpreter cannot call them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 

@@ -48,6 +48,7 @@ def sources_sha256() -> str:
     src = source_dir()
     for name in SOURCES:
         h.update(name.encode() + b"\0" + (src / name).read_bytes())
+    h.update(repr(_FLAG_SETS).encode())  # a change of flags is a new library
     return h.hexdigest()
 
 
@@ -55,9 +56,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGETUNE_CACHE") or Path.home() / ".cache" / "edgetune") / "ort"
 
 
+# No -ffast-math: a shared library linked with it sets flush-to-zero for the whole process when
+# loaded (crtfastmath), silently changing every later float computation in it.
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
-    ["-O3", "-ffast-math", "-fno-finite-math-only"],  # a compiler without -march=native
+    ["-O3", "-march=native", "-fno-math-errno"],
+    ["-O3", "-fno-math-errno"],  # a compiler without -march=native
 )
 
 

@@ -66,3 +66,12 @@ def test_mismatched_shapes_give_nan_not_garbage(library):
 def test_library_is_cached_by_source_hash(library):
     assert build_library() == library
     assert library.name.startswith("libedgetune_ort-") and library.stat().st_size > 0
+
+
+def test_loading_the_library_keeps_subnormal_floats(library):
+    """A library built with -ffast-math would switch flush-to-zero on for the whole process."""
+    import ctypes
+
+    ctypes.CDLL(str(library))
+    tiny = torch.tensor(1e-40, dtype=torch.float32)
+    assert float(tiny * 1.0) != 0.0 and float(torch.tensor(1e-39) / 10) != 0.0
