@@ -47,6 +47,9 @@ OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
 # Forward intermediates that are freed but not yet reused when backward starts (sums, rotary and
 # MLP temporaries, the allocator's free lists): measured on the default model as 0.65-0.79 of the
 # saved-activation bytes across lora/qlora at 2x128 and 4x256 (benchmarks/planner_accuracy.py).
+# With the S2A rewrite the forward still makes the same full-precision intermediates, so the
+# fraction applies to the uncompressed (act-bits 16) saved bytes: taking it of the compressed bytes
+# under-predicted the act-bits 4 peaks by 21-49%.
 TRANSIENT_FRACTION = 0.72
 LOSS_CHUNK_ROWS = 256  # edgetune.s2a.rewriter.LOSS_CHUNK: rows of logits alive at once in the chunked loss
 
@@ -261,7 +264,9 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
         "gradients": trainable,
         "optimizer": 2 * trainable,
         "activations": sum(acts.values()),
-        "activation_transients": int(TRANSIENT_FRACTION * sum(acts.values())),
+        # the forward's freed intermediates are full precision whatever backward keeps of them
+        "activation_transients": int(TRANSIENT_FRACTION * sum(
+            saved_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch, seq_len).values())),
         "attention_workspace": attn_ws + dequant_ws,
         "loss_workspace": loss_ws,
     }
