@@ -22,7 +22,7 @@ from torch import nn
 from edgetune.errors import ArtifactError, EdgetuneError
 from edgetune.fsutil import atomic_dir
 from edgetune.manifest import read_manifest, write_manifest
-from edgetune.tensors import load_tensors, save_tensors
+from edgetune.tensors import save_tensors
 
 MANIFEST_KIND = "s2a-adapter"
 TENSORS_FILE = "s2a.safetensors"
@@ -50,7 +50,7 @@ def export_s2a(out: str | os.PathLike, model: nn.Module, overwrite: bool = False
 
 def load_s2a(directory: str | os.PathLike, model: nn.Module, force: bool = False) -> None:
     """Copy an exported S2A adapter into a compiled s2a model (same base, same module layout)."""
-    from edgetune.artifact import compiled_info
+    from edgetune.artifact import compiled_info, load_trainable
 
     manifest = read_manifest(directory, MANIFEST_KIND)
     info = compiled_info(model)
@@ -58,15 +58,7 @@ def load_s2a(directory: str | os.PathLike, model: nn.Module, force: bool = False
     if not force and manifest.get("base_sha256") and base_sha and manifest["base_sha256"] != base_sha:
         raise ArtifactError(f"{directory} was trained on a different base (sha256 {manifest['base_sha256'][:12]}…, "
                             f"this one is {base_sha[:12]}…); pass --force to merge anyway")
-    state = load_tensors(Path(directory) / TENSORS_FILE)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != set(params):
-        raise ArtifactError(f"{directory}: its tensors do not match this model's S2A modules")
-    with torch.no_grad():
-        for name, p in params.items():
-            if state[name].shape != p.shape:
-                raise ArtifactError(f"{directory}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
-            p.copy_(state[name])
+    load_trainable(model, Path(directory) / TENSORS_FILE)
 
 
 def _dense(module: nn.Module, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..models.arch import get_submodule_parent
 from .functions import Compression, lean_attention
 from .modules import LeanActivation, LeanGatedMLP, LeanLayerNormModule, LeanRMSNormModule
 
@@ -48,8 +49,8 @@ class RewriteReport:
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, new)
+    parent, leaf = get_submodule_parent(model, path)
+    setattr(parent, leaf, new)
 
 
 def norms_pass(model: nn.Module, comp: Compression) -> list[str]:
