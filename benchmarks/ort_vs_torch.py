@@ -43,11 +43,13 @@ def child(args) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     work = Path(args.work)
-    _, tok = edgetune.load_compiled(work / "compiled") if args.backend == "torch" else (None, None)
-    if tok is None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(work / "ort" / "tokenizer"))
+    # the tokenizer from the ORT directory for both (a copy of the compiled one), so the torch
+    # process loads its model once and its VmHWM is one model's
+    tok = AutoTokenizer.from_pretrained(str(work / "ort" / "tokenizer"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     it = BatchIterator(build_dataset(DATA, tok, args.seq_len), args.batch, seed=0)
     losses, times = [], []
     base_rss = _vmhwm_mib()
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--work", default="/tmp/edgetune-ort-bench")
     ap.add_argument("--child", choices=["torch", "ort"])
+    ap.add_argument("--json", help="also write the measurements to this JSON file")
     args = ap.parse_args()
     if args.child:
         args.backend = args.child
@@ -124,16 +127,23 @@ def main() -> None:
     sizes = json.loads((work / "ort" / "manifest.json").read_text())["sizes"]
     print(f"setup {time.time() - t0:.0f}s", file=sys.stderr)
 
-    torch_run = _run_child("torch", args.steps, args)
-    ort_run = _run_child("ort", args.steps, args)
-    torch_mem = _run_child("torch", 2, args)
-    ort_mem = _run_child("ort", 2, args)
+    def stage(name, fn, *a):
+        t = time.time()
+        r = fn(*a)
+        print(f"{name} {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        return r
+
+    torch_run = stage("torch steps", _run_child, "torch", args.steps, args)
+    ort_run = stage("ort steps", _run_child, "ort", args.steps, args)
+    torch_mem = stage("torch memory", _run_child, "torch", 2, args)
+    ort_mem = stage("ort memory", _run_child, "ort", 2, args)
 
     # round trip: train on ORT through the API (writes a run), export PEFT, load it with PEFT
     from edgetune.ort.adapter import export_run
     from edgetune.ort.train import train_ort
 
     run = work / "ort-run"
+    t_rt = time.time()
     train_ort(work / "ort", DATA, run, overwrite=True, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
               lr=args.lr, progress=False, save_every=0)
     export_run(run, work / "peft", overwrite=True)
@@ -159,6 +169,7 @@ def main() -> None:
     peft_model = PeftModel.from_pretrained(base, str(work / "peft"))
     after = heldout_loss(peft_model, tok)
 
+    print(f"round trip {time.time() - t_rt:.0f}s", file=sys.stderr, flush=True)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     tl, ol = torch_run["losses"], ort_run["losses"]
     rows = [
@@ -182,6 +193,10 @@ def main() -> None:
     print(f"|{'-' * 50}|{'-' * 12}|{'-' * 14}|------|")
     for r in rows:
         print(f"| {r[0]:<48} | {r[1]:>10} | {r[2]:>12} | {r[3]} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "torch": torch_run, "ort": ort_run,
+                                               "torch_mem": torch_mem, "ort_mem": ort_mem, "sizes": sizes,
+                                               "heldout": {"base": before, "ort_adapter": after}}, indent=1))
 
 
 if __name__ == "__main__":
