@@ -192,7 +192,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     mlp = rest * mlp_layer + (mlp_layer if after_attn or gate_up else 0)
     lora = 0 if s2a else shape.layers * (lora_in + n * r * len(t) * a)
     rows = batch * (seq_len - 1)
-    loss = rows * d * a + rows * 8 + rows * 4
+    loss = rows * d * a  # dh (N, C): the chunked head takes its gradient in forward (edgetune.s2a.loss)
     return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from edgetune.s2a.functions import (Act4Pointwise, Compression, LeanGatedProduct, LeanLayerNorm, LeanLoraBranch,
                                     LeanRMSNorm, Relu1Bit, lean_attention)
-from edgetune.s2a.loss import ChunkedLinearCrossEntropy
+from edgetune.s2a.loss import ChunkedLinearCrossEntropy, chunked_causal_lm_loss
 from edgetune.s2a.tables import table_for
 
 C8 = Compression(act_bits=8)
@@ -34,9 +34,32 @@ def test_chunked_cross_entropy_gradcheck_and_matches_plain():
     b = torch.randn(13, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randint(0, 13, (11,), generator=g)
     y[3] = -100
-    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, 4), (h, w, b))
+    every = (True, True, True)
+    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, 4, every), (h, w, b))
     plain = F.cross_entropy(h @ w.t() + b, y, ignore_index=-100)
-    assert torch.allclose(ChunkedLinearCrossEntropy.apply(h, w, b, y, 4), plain, atol=1e-12)
+    assert torch.allclose(ChunkedLinearCrossEntropy.apply(h, w, b, y, 4, every), plain, atol=1e-12)
+
+
+def test_chunked_causal_lm_loss_scales_upstream_grad_and_skips_grads_in_eval():
+    """The gradient is taken in forward for a unit upstream gradient: a scaled loss must scale it."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 6, dtype=torch.float64, generator=g, requires_grad=True)  # (B, T, C)
+    head = torch.nn.Linear(6, 17, bias=False).double().requires_grad_(False)
+    labels = torch.randint(0, 17, (2, 9), generator=g)
+    labels[0, :4] = -100
+    ref_h = hidden.detach().clone().requires_grad_()
+    ref = F.cross_entropy((ref_h[:, :-1] @ head.weight.t()).reshape(-1, 17), labels[:, 1:].reshape(-1))
+    (2.5 * ref).backward()
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk=5)
+    (2.5 * loss).backward()
+    assert torch.allclose(loss, ref, atol=1e-12)
+    assert torch.allclose(hidden.grad, ref_h.grad, atol=1e-12)
+    with torch.no_grad():  # eval: same value, no gradient work, nothing saved
+        assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, chunk=5), ref, atol=1e-12)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunked_causal_lm_loss(hidden, head, labels, chunk=5)
+    assert [tuple(t.shape) for t in saved] == [(16, 6)]  # only dh: no logits, labels or hidden states
 
 
 def test_rmsnorm_gradcheck():
