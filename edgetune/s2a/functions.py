@@ -253,34 +253,43 @@ class LeanLayerNorm(torch.autograd.Function):
 
 
 class LeanLoraBranch(torch.autograd.Function):
-    """scaling · (x Aᵀ) Bᵀ saving x in 8-bit groups (for dA) and the small x Aᵀ (for dB).
+    """y + scaling · (x Aᵀ) Bᵀ saving x in 8-bit groups (for dA) and the small x Aᵀ (for dB).
 
-    x (..., in), A (r, in), B (out, r). dA = (dY·s·B)ᵀ x̂ needs x; dx = dY·s·B·A and dB = (dY·s)ᵀ (xAᵀ)
-    do not.
+    x (..., in), y (..., out) the frozen projection's output, A (r, in), B (out, r).
+    dA = s·(dY·B)ᵀ x̂ needs x; dx = s·dY·B·A and dB = s·dYᵀ (xAᵀ) do not. The update is added
+    into y with one ``addmm`` (scaling as its alpha), so no (..., out) temporary is made for
+    the branch, its scaling or the sum; ``y=None`` returns the branch alone.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression):
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression,
+                y: torch.Tensor | None = None):
         h = x.to(A.dtype) @ A.t()  # (..., r)
         ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), h, A, B)
         ctx.shape, ctx.scaling = x.shape, scaling
-        return (h @ B.t()) * scaling
+        h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+        if y is None:
+            return (h2 @ B.t()).mul_(scaling).view(*x.shape[:-1], B.shape[0])
+        ctx.y_dtype = y.dtype
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(B.dtype), h2, B.t(), alpha=scaling)  # (N, out)
+        return out.view(y.shape).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         codes, lo, scale, h, A, B = ctx.saved_tensors
-        go = grad.to(B.dtype) * ctx.scaling  # (..., out)
-        dh = go @ B  # (..., r)
-        r = h.shape[-1]
+        s, r = ctx.scaling, h.shape[-1]
+        g2 = grad.reshape(-1, grad.shape[-1]).to(B.dtype)  # (N, out)
+        dh = (g2 @ B).mul_(s)  # (N, r) = s · dY · B
         dA = dB = dx = None
         if ctx.needs_input_grad[1]:
             x = _load_int8(codes, lo, scale, ctx.shape, A.dtype)
-            dA = dh.reshape(-1, r).t() @ x.reshape(-1, x.shape[-1])
+            dA = dh.t() @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
-            dB = go.reshape(-1, go.shape[-1]).t() @ h.reshape(-1, r)
+            dB = (g2.t() @ h.reshape(-1, r)).mul_(s)
         if ctx.needs_input_grad[0]:
-            dx = (dh @ A).to(grad.dtype)
-        return dx, dA, dB, None, None
+            dx = (dh @ A).view(ctx.shape).to(grad.dtype)
+        dy = grad if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
+        return dx, dA, dB, None, None, dy
 
 
 # --------------------------------------------------------------------------- attention

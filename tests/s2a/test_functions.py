@@ -81,6 +81,9 @@ def test_lora_branch_gradcheck():
     A = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
     B = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, A, B: LeanLoraBranch.apply(x, A, B, 2.0, C8), (x, A, B))
+    y = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)  # the frozen projection's output
+    assert torch.autograd.gradcheck(lambda x, A, B, y: LeanLoraBranch.apply(x, A, B, 2.0, C8, y), (x, A, B, y))
+    assert torch.allclose(LeanLoraBranch.apply(x, A, B, 2.0, C8, y), y + 2.0 * (x @ A.t()) @ B.t())
 
 
 def test_gated_product_8bit_gradcheck():

@@ -40,9 +40,12 @@ class LoraLinear(nn.Module):
         if self.compression is not None and torch.is_grad_enabled() and (self.lora_A.requires_grad or x.requires_grad):
             from ...s2a.functions import LeanLoraBranch
 
-            return y + LeanLoraBranch.apply(x, self.lora_A, self.lora_B, self.scaling, self.compression).to(y.dtype)
+            return LeanLoraBranch.apply(x, self.lora_A, self.lora_B, self.scaling, self.compression, y)
         h = x.to(self.lora_A.dtype) @ self.lora_A.t()  # (B, T, r)
-        return y + (h @ self.lora_B.t()).to(y.dtype) * self.scaling
+        # y + scaling · h Bᵀ in one addmm: no (B, T, out) temporaries for the branch or its scale
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h.reshape(-1, self.r), self.lora_B.t(),
+                          alpha=self.scaling)  # (B·T, out)
+        return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
