@@ -51,6 +51,7 @@ OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
 # fraction applies to the uncompressed (act-bits 16) saved bytes: taking it of the compressed bytes
 # under-predicted the act-bits 4 peaks by 21-49%.
 TRANSIENT_FRACTION = 0.72
+RECIPES = ("lora", "qlora", "s2a", "sketchtune")  # the recipes the planner has formulas for
 LOSS_CHUNK_ROWS = 256  # edgetune.s2a.rewriter.LOSS_CHUNK: rows of logits alive at once in the chunked loss
 
 
@@ -68,6 +69,7 @@ class ModelShape:
     vocab: int
     context: int
     tied: bool
+    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias) add a bias to q, k and v
 
     @classmethod
     def from_config(cls, cfg) -> "ModelShape":
@@ -79,7 +81,8 @@ class ModelShape:
         return cls(model_type, hidden, int(get("intermediate_size")), int(get("num_hidden_layers")), heads,
                    int(get("num_key_value_heads") or heads), int(get("head_dim") or hidden // heads),
                    int(get("vocab_size")), int(get("max_position_embeddings")),
-                   bool(get("tie_word_embeddings", False)))
+                   bool(get("tie_word_embeddings", False)),
+                   model_type == "qwen2" or bool(get("attention_bias", False)))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each projection of one block."""
@@ -89,8 +92,13 @@ class ModelShape:
                 "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
 
     @property
+    def bias_numel(self) -> int:
+        """Bias values of one block (q, k and v where the config has them)."""
+        return (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+
+    @property
     def params(self) -> int:
-        per_block = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden
+        per_block = sum(o * i for o, i in self.linear_shapes().values()) + 2 * self.hidden + self.bias_numel
         emb = self.vocab * self.hidden
         return self.layers * per_block + emb * (1 if self.tied else 2) + self.hidden
 
@@ -138,6 +146,10 @@ class JobSpec:
     s2a_bias: bool = True
     s2a_prompt: tuple[int, int] = (16, 4)
     s2a_nf4: bool = True
+    # recipe "sketchtune": b-bit packed codes + (out, GPR, 2**b) tables per target projection
+    bits: int = 4
+    groups_per_row: int = 4
+    train_norms: bool = False
 
 
 @dataclass
@@ -158,6 +170,12 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def _lora_rank(job: JobSpec) -> int:
+    """The rank of the x·Aᵀ hiddens each adapted projection saves: none for sketchtune (its table
+    gradient needs only the input, which it shares with the other readers of the same tensor)."""
+    return job.r if job.recipe in ("lora", "qlora") else 0
+
+
 def _q8(numel: int) -> int:
     """Bytes of one tensor saved as 8-bit groups of 64 (codes + float32 min and scale per group)."""
     groups = -(-numel // 64)
@@ -176,7 +194,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     """
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
-    d, f, r = shape.hidden, shape.ffn, job.r
+    d, f = shape.hidden, shape.ffn
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     t = set(job.targets)
     qkv, gate_up = bool(t & {"q_proj", "k_proj", "v_proj"}), bool(t & {"gate_proj", "up_proj"})
@@ -190,7 +208,7 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     norms = rest * 2 * norm + (norm if after_attn else 0) + (norm if s2a else 0) + norm
     attention = rest * attn_layer + (attn_layer if qkv or s2a else 0) + 2 * seq_len * shape.head_dim * a
     mlp = rest * mlp_layer + (mlp_layer if after_attn or gate_up else 0)
-    lora = 0 if s2a else shape.layers * (lora_in + n * r * len(t) * a)
+    lora = 0 if s2a else shape.layers * (lora_in + n * _lora_rank(job) * len(t) * a)
     rows = batch * (seq_len - 1)
     loss = rows * d * a  # dh (N, C): the chunked head takes its gradient in forward (edgetune.s2a.loss)
     return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
@@ -202,7 +220,7 @@ def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len:
         return lean_activation_bytes(shape, job, batch, seq_len)
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
-    d, f, r = shape.hidden, shape.ffn, job.r
+    d, f = shape.hidden, shape.ffn
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     t = set(job.targets)
     qkv, gate_up = bool(t & {"q_proj", "k_proj", "v_proj"}), bool(t & {"gate_proj", "up_proj"})
@@ -220,29 +238,46 @@ def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len:
     norms = rest * 2 * norm + first_norm + norm  # + the final norm
     attention = rest * attn_layer + first_attn + 2 * seq_len * shape.head_dim * a  # + rotary cos/sin
     mlp = rest * 3 * n * f * a + first_mlp
-    lora = 0 if s2a else shape.layers * (lora_in + n * r * len(t) * a)
-    loss = n * shape.vocab * 4 + n * 8
+    lora = 0 if s2a else shape.layers * (lora_in + n * _lora_rank(job) * len(t) * a)
+    loss = n * shape.vocab * 4 + n * 8 + 4  # fp32 log-probs, int64 labels, nll_loss's fp32 total_weight
     return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
 
 
 def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
-    """(frozen base bytes as stored, trainable bytes)."""
+    """(frozen base bytes as stored, trainable bytes).
+
+    ``sketchtune`` stores each target projection as codes bit-packed densely (``ceil(in·b/8)``
+    bytes per row, ``quant/bitpack.py``) plus the fp16 ``table_init`` it was built with (kept for
+    the exported delta); the trainable ``table`` (out, GPR, 2**b) is in the compute dtype
+    (``SketchLinear``). Embeddings, lm_head, norms and projections it does not target stay as
+    loaded, in the compute dtype.
+    """
     a = DTYPE_BYTES[job.dtype]
     linears = shape.linear_shapes()
-    frozen = 0
+    frozen = trainable = 0
     for name, (o, i) in linears.items():
         numel = o * i * shape.layers
         if (job.recipe == "qlora" or (job.recipe == "s2a" and job.s2a_nf4)) and name in job.targets:
             blocks = -(-o * i // job.blocksize) * shape.layers
             frozen += numel // 2 + (blocks + 4 * blocks // 256 if job.double_quant else 4 * blocks)
+        elif job.recipe == "sketchtune" and name in job.targets:
+            table = o * job.groups_per_row * (1 << job.bits) * shape.layers
+            frozen += o * -(-i * job.bits // 8) * shape.layers + 2 * table  # packed codes + fp16 table_init
+            trainable += table * a
         else:
             frozen += numel * a
-    frozen += (shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden) * a
+    norms = (2 * shape.layers + 1) * shape.hidden * a
+    frozen += (shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.layers * shape.bias_numel) * a + norms
+    frozen += 2 * (shape.head_dim // 2) * 4  # the rotary embedding's fp32 inv_freq and original_inv_freq buffers
     if job.recipe == "s2a":
         length, rank = job.s2a_prompt
         per_block = (sum(o for o, _ in linears.values()) + 2 * shape.hidden) * job.s2a_bias
         per_block += (length * rank + rank * shape.hidden) if length else 0
         return frozen, per_block * shape.layers * a
+    if job.recipe == "sketchtune":
+        if job.train_norms:
+            frozen, trainable = frozen - norms, trainable + norms
+        return frozen, trainable
     trainable = sum(job.r * (o + i) for n, (o, i) in linears.items() if n in job.targets) * shape.layers * a
     return frozen, trainable
 
@@ -257,7 +292,8 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
     # and one block's attention gradients; for qlora one projection's dequantized weight.
     loss_ws = 2 * (n if job.act_bits == 16 else min(n, LOSS_CHUNK_ROWS)) * shape.vocab * 4
     attn_ws = n * (2 * qd + 2 * kvd) * a
-    dequant_ws = max(o * i for o, i in shape.linear_shapes().values()) * a if job.recipe == "qlora" else 0
+    # qlora dequantizes, sketchtune gathers, one dense projection at a time (forward and backward)
+    dequant_ws = max(o * i for o, i in shape.linear_shapes().values()) * a if job.recipe in ("qlora", "sketchtune") else 0
     components = {
         "weights": frozen,
         "trainable": trainable,
@@ -333,7 +369,7 @@ def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int,
 def job_for(model) -> JobSpec | None:
     """The planner's view of a compiled model, or None for recipes it has no formula for."""
     info = getattr(model, "edgetune", None)
-    if info is None or info.recipe not in ("lora", "qlora", "s2a"):
+    if info is None or info.recipe not in RECIPES:
         return None
     cfg = info.config
     from .models.arch import arch_for
@@ -344,6 +380,10 @@ def job_for(model) -> JobSpec | None:
                        (cfg.prompt_len, cfg.prompt_rank), cfg.base == "nf4")
 
     targets = cfg.resolve_targets(arch_for(model.config).linear_names)
+    if info.recipe == "sketchtune":
+        return JobSpec("sketchtune", 0, tuple(targets), dtype=info.dtype, act_bits=info.compression.act_bits,
+                       gate_code4=info.compression.gate_code4, bits=cfg.bits, groups_per_row=cfg.groups_per_row,
+                       train_norms=cfg.train_norms)
     return JobSpec(info.recipe, cfg.r, tuple(targets), getattr(cfg, "blocksize", 64),
                    getattr(cfg, "double_quant", False), info.dtype, info.compression.act_bits,
                    info.compression.gate_code4)
