@@ -25,6 +25,7 @@ from torch import nn
 from ..models.arch import get_submodule_parent
 from .functions import Compression, lean_attention
 from .modules import LeanActivation, LeanGatedMLP, LeanLayerNormModule, LeanRMSNormModule
+from .vision import LeanBatchNorm, LeanConv2d, LeanGlobalAvgPool, LeanMaxPool2d
 
 ATTN_NAME = "edgetune_lean"
 LOSS_CHUNK = 256  # rows per chunk of the loss head: 256 x 49152 fp32 logits = 48 MiB transient
@@ -60,6 +61,35 @@ def norms_pass(model: nn.Module, comp: Compression) -> list[str]:
             _replace(model, path, LeanRMSNormModule(m.weight, m.variance_epsilon, comp))
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             _replace(model, path, LeanLayerNormModule(m.weight, m.bias, m.eps, comp))
+        else:
+            continue
+        changed.append(path)
+    return changed
+
+
+def batchnorm_pass(model: nn.Module, comp: Compression) -> list[str]:
+    """nn.BatchNorm1d/2d/3d -> LeanBatchNorm (8-bit input + per-channel stats; same train/eval semantics)."""
+    changed = []
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and path:
+            _replace(model, path, LeanBatchNorm(m, comp))
+            changed.append(path)
+    return changed
+
+
+def conv_pool_pass(model: nn.Module, comp: Compression) -> list[str]:
+    """Convolutions keep no input while their weight is frozen; global average pooling keeps
+    nothing; 2-D max pooling keeps a 4-bit window position instead of fp input + int64 indices."""
+    changed = []
+    for path, m in list(model.named_modules()):
+        if not path:
+            continue
+        if LeanConv2d.accepts(m):
+            _replace(model, path, LeanConv2d(m))
+        elif isinstance(m, nn.AdaptiveAvgPool2d) and LeanGlobalAvgPool.accepts(m):
+            _replace(model, path, LeanGlobalAvgPool())
+        elif isinstance(m, nn.MaxPool2d) and LeanMaxPool2d.accepts(m):
+            _replace(model, path, LeanMaxPool2d(m))
         else:
             continue
         changed.append(path)
@@ -133,7 +163,8 @@ def attention_pass(model: nn.Module, comp: Compression) -> list[str]:
 
 
 def loss_head_pass(model: nn.Module, comp: Compression) -> list[str]:
-    if getattr(model, "edgetune_loss_chunk", None) == LOSS_CHUNK or model.get_output_embeddings() is None:
+    head = getattr(model, "get_output_embeddings", None)  # plain nn.Modules (torchvision) have none
+    if getattr(model, "edgetune_loss_chunk", None) == LOSS_CHUNK or head is None or head() is None:
         return []
     model.edgetune_loss_chunk = LOSS_CHUNK
     return ["<loss head>"]
@@ -141,6 +172,8 @@ def loss_head_pass(model: nn.Module, comp: Compression) -> list[str]:
 
 PASSES: dict[str, Callable[[nn.Module, Compression], list[str]]] = {
     "norms": norms_pass,
+    "batchnorm": batchnorm_pass,
+    "conv_pool": conv_pool_pass,
     "gated_mlp": gated_mlp_pass,
     "activations": activations_pass,
     "attention": attention_pass,
@@ -151,7 +184,8 @@ PASSES: dict[str, Callable[[nn.Module, Compression], list[str]]] = {
 # Leaf modules whose backward keeps nothing worth compressing (frozen matmuls keep no input; the
 # rotary embedding and dropout-free layers keep nothing), matched by class name.
 HARMLESS = ("Linear", "Conv1D", "Embedding", "Dropout", "Identity", "NF4Linear", "SketchLinear", "LowRankPrompt",
-            "LeanRMSNormModule", "LeanLayerNormModule", "LeanActivation")
+            "LeanRMSNormModule", "LeanLayerNormModule", "LeanActivation", "LeanBatchNorm", "LeanConv2d", "LeanGlobalAvgPool",
+            "LeanMaxPool2d", "Flatten")
 
 
 def _unknown_modules(model: nn.Module) -> list[tuple[str, str]]:
