@@ -19,7 +19,7 @@
 #include <limits>
 #include <vector>
 
-#include "ort_abi.h"
+#include "kernel_io.h"
 
 namespace {
 
@@ -33,57 +33,6 @@ constexpr float kNF4[16] = {
 
 constexpr int64_t TILE_O = 16;   // weight rows decoded at once
 constexpr int64_t TILE_M = 64;   // activation rows that share one decoded tile
-
-const OrtApi* g_api = nullptr;
-
-struct Tensor {
-  void* data = nullptr;
-  std::vector<int64_t> dims;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : dims) n *= d;
-    return n;
-  }
-};
-
-bool read_input(OrtKernelContext* ctx, size_t i, Tensor* t) {
-  using GetInput = OrtStatus* (*)(const OrtKernelContext*, size_t, const OrtValue**);
-  using GetShape = OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
-  using GetCount = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, size_t*);
-  using GetDims = OrtStatus* (*)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
-  using GetData = OrtStatus* (*)(OrtValue*, void**);
-  using ReleaseInfo = void (*)(OrtTensorTypeAndShapeInfo*);
-  using ReleaseStatus = void (*)(OrtStatus*);
-  auto failed = [](OrtStatus* s) {
-    if (s) slot<ReleaseStatus>(g_api, kReleaseStatus)(s);
-    return s != nullptr;
-  };
-  const OrtValue* value = nullptr;
-  if (failed(slot<GetInput>(g_api, kKernelContextGetInput)(ctx, i, &value)) || !value) return false;
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (failed(slot<GetShape>(g_api, kGetTensorTypeAndShape)(value, &info))) return false;
-  size_t n = 0;
-  bool ok = !failed(slot<GetCount>(g_api, kGetDimensionsCount)(info, &n));
-  if (ok) {
-    t->dims.assign(n, 0);
-    ok = n == 0 || !failed(slot<GetDims>(g_api, kGetDimensions)(info, t->dims.data(), n));
-  }
-  slot<ReleaseInfo>(g_api, kReleaseTensorTypeAndShapeInfo)(info);
-  return ok && !failed(slot<GetData>(g_api, kGetTensorMutableData)(const_cast<OrtValue*>(value), &t->data));
-}
-
-float* make_output(OrtKernelContext* ctx, const std::vector<int64_t>& dims) {
-  using GetOutput = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
-  using GetData = OrtStatus* (*)(OrtValue*, void**);
-  using ReleaseStatus = void (*)(OrtStatus*);
-  OrtValue* out = nullptr;
-  OrtStatus* s = slot<GetOutput>(g_api, kKernelContextGetOutput)(ctx, 0, dims.data(), dims.size(), &out);
-  if (s) { slot<ReleaseStatus>(g_api, kReleaseStatus)(s); return nullptr; }
-  void* data = nullptr;
-  s = slot<GetData>(g_api, kGetTensorMutableData)(out, &data);
-  if (s) { slot<ReleaseStatus>(g_api, kReleaseStatus)(s); return nullptr; }
-  return static_cast<float*>(data);
-}
 
 // Decode weight rows [o0, o0 + rows) (each K values) into buf (rows * K floats).
 void decode_rows(const uint8_t* packed, const float* absmax, int64_t K, int64_t bs, int64_t o0, int64_t rows,
@@ -122,10 +71,6 @@ bool shapes(const Tensor& a, const Tensor& packed, const Tensor& absmax, bool fo
   if (forward) { s->K = last; s->N = numel / last; } else { s->N = last; s->K = numel / last; }
   s->bs = numel / nb;
   return s->bs % 2 == 0;
-}
-
-void fill_nan(float* y, int64_t n) {
-  std::fill(y, y + n, std::numeric_limits<float>::quiet_NaN());
 }
 
 // y (M, N) = x (M, K) @ W^T
@@ -172,14 +117,14 @@ void nf4_backward(const float* dy, const uint8_t* packed, const float* absmax, c
 }
 
 template <bool Forward>
-void compute(void* /*kernel*/, OrtKernelContext* ctx) {
+void compute(OrtKernelContext* ctx) {
   Tensor a, packed, absmax;
   Shapes s{};
   const bool ok = read_input(ctx, 0, &a) && read_input(ctx, 1, &packed) && read_input(ctx, 2, &absmax) &&
                   shapes(a, packed, absmax, Forward, &s);
   std::vector<int64_t> dims = a.dims;
   if (!dims.empty()) dims.back() = ok ? (Forward ? s.N : s.K) : dims.back();
-  float* out = make_output(ctx, dims);
+  auto* out = static_cast<float*>(make_output(ctx, 0, dims));
   if (!out) return;
   if (!ok) { fill_nan(out, a.numel()); return; }
   const auto* p = static_cast<const uint8_t*>(packed.data);
@@ -188,65 +133,7 @@ void compute(void* /*kernel*/, OrtKernelContext* ctx) {
   else nf4_backward(static_cast<const float*>(a.data), p, am, s, out);
 }
 
-void* create_kernel(const EtCustomOp*, const OrtApi*, const OrtKernelInfo*) {
-  static int token = 0;  // the kernels are stateless
-  return &token;
-}
-void destroy_kernel(void*) {}
-const char* fwd_name(const EtCustomOp*) { return "NF4MatMul"; }
-const char* bwd_name(const EtCustomOp*) { return "NF4MatMulGrad"; }
-const char* cpu_provider(const EtCustomOp*) { return nullptr; }  // nullptr: the CPU provider
-int input_type(const EtCustomOp*, size_t i) { return i == 1 ? ET_UINT8 : ET_FLOAT; }
-size_t three(const EtCustomOp*) { return 3; }
-int output_type(const EtCustomOp*, size_t) { return ET_FLOAT; }
-size_t one(const EtCustomOp*) { return 1; }
-int required(const EtCustomOp*, size_t) { return 0; }
-int default_memory(const EtCustomOp*, size_t) { return 0; }
-int one_arity(const EtCustomOp*) { return 1; }
-int homogeneous(const EtCustomOp*) { return 1; }
-
-EtCustomOp make_op(const char* (*name)(const EtCustomOp*), void (*kernel)(void*, OrtKernelContext*)) {
-  EtCustomOp op{};
-  op.version = 14;
-  op.CreateKernel = create_kernel;
-  op.GetName = name;
-  op.GetExecutionProviderType = cpu_provider;
-  op.GetInputType = input_type;
-  op.GetInputTypeCount = three;
-  op.GetOutputType = output_type;
-  op.GetOutputTypeCount = one;
-  op.KernelCompute = kernel;
-  op.KernelDestroy = destroy_kernel;
-  op.GetInputCharacteristic = required;
-  op.GetOutputCharacteristic = required;
-  op.GetInputMemoryType = default_memory;
-  op.GetVariadicInputMinArity = one_arity;
-  op.GetVariadicInputHomogeneity = homogeneous;
-  op.GetVariadicOutputMinArity = one_arity;
-  op.GetVariadicOutputHomogeneity = homogeneous;
-  return op;
-}
-
-EtCustomOp g_forward = make_op(fwd_name, compute<true>);
-EtCustomOp g_backward = make_op(bwd_name, compute<false>);
+Registered g_forward{"NF4MatMul", {ET_FLOAT, ET_UINT8, ET_FLOAT}, {ET_FLOAT}, compute<true>};
+Registered g_backward{"NF4MatMulGrad", {ET_FLOAT, ET_UINT8, ET_FLOAT}, {ET_FLOAT}, compute<false>};
 
 }  // namespace
-
-extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
-                                                                               const OrtApiBase* base) {
-  using CreateDomain = OrtStatus* (*)(const char*, OrtCustomOpDomain**);
-  using DomainAdd = OrtStatus* (*)(OrtCustomOpDomain*, const EtCustomOp*);
-  using AddDomain = OrtStatus* (*)(OrtSessionOptions*, OrtCustomOpDomain*);
-  g_api = base->GetApi(14);  // the oldest table that has every slot used here
-  if (!g_api) return nullptr;
-  static OrtCustomOpDomain* domain = nullptr;  // lives as long as the process: sessions reference it
-  OrtStatus* s = nullptr;
-  if (!domain && (s = slot<CreateDomain>(g_api, kCreateCustomOpDomain)("edgetune", &domain))) return s;
-  static bool added = false;
-  if (!added) {
-    if ((s = slot<DomainAdd>(g_api, kCustomOpDomainAdd)(domain, &g_forward))) return s;
-    if ((s = slot<DomainAdd>(g_api, kCustomOpDomainAdd)(domain, &g_backward))) return s;
-    added = true;
-  }
-  return slot<AddDomain>(g_api, kAddCustomOpDomain)(options, domain);
-}

@@ -1,6 +1,15 @@
 """edgetune's ONNX Runtime custom-op library (``csrc/ort``): build it, register its gradients.
 
-The library provides ``edgetune::NF4MatMul(x, packed, absmax) -> x @ Wᵀ`` and
+The library provides two families of ops (``csrc/ort/nf4_matmul.cc``, ``csrc/ort/act4.cc``).
+
+**The 4-bit derivative-coded nonlinearity** (S2A's ``Act4Pointwise``):
+``edgetune::Act4SiLU | Act4GELU | Act4GELUTanh(x, borders, levels) -> (f(x), codes)`` with
+``codes`` the packed 4-bit derivative codes (two per byte, :mod:`edgetune.quant.actpack`'s
+layout, :mod:`edgetune.s2a.tables`' borders), and ``edgetune::Act4Grad(dy, codes, levels) ->
+levels[code] · dy``. Their gradient definition ``Act4* → Act4Grad(GO(0), O(1), I(2))`` makes
+ORT's backward keep the codes (0.5 B per element) instead of x and sigmoid(x) (8 B).
+
+**The frozen NF4 matmul**: ``edgetune::NF4MatMul(x, packed, absmax) -> x @ Wᵀ`` and
 ``edgetune::NF4MatMulGrad(dy, packed, absmax) -> dy @ W``, where ``W`` is a frozen NF4 weight in
 bitsandbytes' layout (the one :mod:`edgetune.quant.nf4` writes). Both decode 16 weight rows at a
 time inside the kernel, so the dense weight never exists, neither between forward and backward
@@ -29,7 +38,11 @@ from ..fsutil import atomic_file
 
 DOMAIN = "edgetune"
 FORWARD_OP, BACKWARD_OP = "NF4MatMul", "NF4MatMulGrad"
-SOURCES = ("nf4_matmul.cc", "ort_abi.h")
+ACT4_OPS = {"silu": "Act4SiLU", "gelu": "Act4GELU", "gelu_tanh": "Act4GELUTanh"}  # S2A op name -> ORT op
+ACT4_GRAD = "Act4Grad"
+CC_SOURCES = ("nf4_matmul.cc", "act4.cc", "register.cc")
+SOURCES = (*CC_SOURCES, "ort_abi.h", "kernel_io.h")
+ALL_OPS = [f"{DOMAIN}::{op}" for op in (FORWARD_OP, BACKWARD_OP, *ACT4_OPS.values(), ACT4_GRAD)]
 LIB_PREFIX = "libedgetune_ort"
 
 
@@ -79,7 +92,7 @@ def build_library(force: bool = False) -> Path:
     with atomic_file(out) as tmp:
         for flags in _FLAG_SETS:
             cmd = [cxx, *flags, "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
-                   str(src / "nf4_matmul.cc"), "-o", str(tmp)]
+                   *(str(src / c) for c in CC_SOURCES), "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 break
@@ -95,18 +108,24 @@ _REGISTERED = False
 
 
 def register_gradients() -> None:
-    """Tell ORT's gradient builder that NF4MatMul's input gradient is NF4MatMulGrad (in-process)."""
+    """Tell ORT's gradient builder (in-process, before ``generate_artifacts``) that NF4MatMul's input
+    gradient is NF4MatMulGrad(dy, packed, absmax) and each Act4 op's is Act4Grad(dy, codes, levels)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from onnxruntime.capi import _pybind_state as C
 
-    node = C.GradientNodeDefinition()
-    node.op_type, node.domain = BACKWARD_OP, DOMAIN
-    node.inputs = ["GO(0)", "I(1)", "I(2)"]
-    node.outputs = ["GI(0)"]  # only x gets a gradient: the packed weight is frozen
-    node.attributes = []
-    C.register_gradient_definition(f"{DOMAIN}::{FORWARD_OP}", [node])
+    def grad_node(op_type, inputs):
+        node = C.GradientNodeDefinition()
+        node.op_type, node.domain = op_type, DOMAIN
+        node.inputs = inputs
+        node.outputs = ["GI(0)"]  # only x gets a gradient: the packed weight and the tables are frozen
+        node.attributes = []
+        return node
+
+    C.register_gradient_definition(f"{DOMAIN}::{FORWARD_OP}", [grad_node(BACKWARD_OP, ["GO(0)", "I(1)", "I(2)"])])
+    for op_type in ACT4_OPS.values():  # GO(0): dy of f(x); O(1): the codes output; I(2): the levels input
+        C.register_gradient_definition(f"{DOMAIN}::{op_type}", [grad_node(ACT4_GRAD, ["GO(0)", "O(1)", "I(2)"])])
     _REGISTERED = True
 
 
@@ -145,3 +164,40 @@ def torch_nf4_matmul():
     torch.onnx.register_custom_op_symbolic("edgetune_ort::nf4_matmul", symbolic, 1)
     _TORCH_OP = torch.ops.edgetune_ort.nf4_matmul
     return _TORCH_OP
+
+
+_TORCH_ACT4 = None
+
+
+def torch_act4():
+    """``torch.ops.edgetune_ort.act4(x, borders, levels, op) -> (f(x), codes)``: the export-time
+    stand-in of ``edgetune::Act4<op>``, computed with the references (``FORWARDS[op]``,
+    ``torch.bucketize`` and :func:`edgetune.quant.actpack.pack_nibbles_reference`) so tracing sees
+    real values; the exporter writes it as the custom node with two outputs.
+    """
+    global _TORCH_ACT4
+    if _TORCH_ACT4 is not None:
+        return _TORCH_ACT4
+    from torch.onnx import symbolic_helper
+
+    @torch.library.custom_op("edgetune_ort::act4", mutates_args=())
+    def act4(x: torch.Tensor, borders: torch.Tensor, levels: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..quant.actpack import pack_nibbles_reference
+        from ..s2a.tables import FORWARDS
+
+        codes = torch.bucketize(x.detach().float(), borders)
+        return FORWARDS[op](x), pack_nibbles_reference(codes)
+
+    @act4.register_fake
+    def _(x, borders, levels, op):
+        return torch.empty_like(x), x.new_empty(((x.numel() + 1) // 2,), dtype=torch.uint8)
+
+    @symbolic_helper.parse_args("v", "v", "v", "s")
+    def symbolic(g, x, borders, levels, op):
+        y, codes = g.op(f"{DOMAIN}::{ACT4_OPS[op]}", x, borders, levels, outputs=2)
+        y.setType(x.type())
+        return y, codes
+
+    torch.onnx.register_custom_op_symbolic("edgetune_ort::act4", symbolic, 1)
+    _TORCH_ACT4 = torch.ops.edgetune_ort.act4
+    return _TORCH_ACT4

@@ -53,6 +53,7 @@ OPSET = 17
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT_FILE = "checkpoint"
 NF4_MODES = ("op", "graph")
+ACT4_MODES = ("auto", "op", "off")
 IGNORE_INDEX = -100
 
 
@@ -101,6 +102,46 @@ class _ExportNF4(nn.Module):
         else:
             y = torch.matmul(x, self._dense().t())
         return y + self.bias if getattr(self, "bias", None) is not None else y
+
+
+class _ExportAct4(nn.Module):
+    """Stands in for a SiLU/GELU module during export: ``edgetune::Act4<op>`` (f(x) plus the packed
+    4-bit derivative codes that its gradient, ``Act4Grad``, reads). The tables are the shipped
+    :func:`edgetune.s2a.tables.table_for` ones, passed as (shared) buffers, so they become
+    initializers of the graph rather than attributes."""
+
+    def __init__(self, op: str, borders: torch.Tensor, levels: torch.Tensor):
+        super().__init__()
+        self.op = op
+        self.register_buffer("borders", borders, persistent=False)
+        self.register_buffer("levels", levels, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (...) -> (...)
+        from .custom_ops import torch_act4
+
+        y, _codes = torch_act4()(x, self.borders, self.levels, self.op)
+        return y
+
+
+def _swap_act4(model: nn.Module) -> list[str]:
+    """Replace every SiLU/GELU module by :class:`_ExportAct4`; returns the S2A op names swapped."""
+    from ..models.arch import get_submodule_parent
+    from ..s2a.rewriter import activation_op
+    from ..s2a.tables import table_for
+    from .custom_ops import ACT4_OPS
+
+    tables, ops = {}, []
+    for name, module in list(model.named_modules()):
+        op = activation_op(module)
+        if op not in ACT4_OPS:
+            continue
+        if op not in tables:  # one borders/levels pair per op, shared by every layer (one initializer)
+            t = table_for(op, 4)
+            tables[op] = (t.borders.clone(), t.levels.clone())
+        parent, leaf = get_submodule_parent(model, name)
+        setattr(parent, leaf, _ExportAct4(op, *tables[op]))
+        ops.append(op)
+    return ops
 
 
 class _Logits(nn.Module):
@@ -213,9 +254,13 @@ def _dir_bytes(path: Path) -> int:
 
 
 def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, lr: float = 2e-4,
-                    weight_decay: float = 0.0, grad_clip: float = 1.0, nf4: str = "op",
+                    weight_decay: float = 0.0, grad_clip: float = 1.0, nf4: str = "op", act4: str = "auto",
                     overwrite: bool = False) -> ExportResult:
-    """Write ORT training artifacts for the compiled artifact at ``compiled_dir`` into ``out``."""
+    """Write ORT training artifacts for the compiled artifact at ``compiled_dir`` into ``out``.
+
+    ``act4``: ``auto`` exports every SiLU/GELU as edgetune's 4-bit derivative-coded op when the
+    artifact was compiled with ``--act-bits 4`` (its manifest's ``s2a`` block), ``op`` always,
+    ``off`` never (plain ONNX ops, exact gradients)."""
     onnx, ort = require_ort()
     ort.set_default_logger_severity(3)
     from onnxruntime.training import artifacts, onnxblock
@@ -224,6 +269,8 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
 
     if nf4 not in NF4_MODES:
         raise EdgetuneError(f"--nf4 must be one of {', '.join(NF4_MODES)}, got {nf4!r}")
+    if act4 not in ACT4_MODES:
+        raise EdgetuneError(f"--act4 must be one of {', '.join(ACT4_MODES)}, got {act4!r}")
     if not (lr > 0) or not (weight_decay >= 0) or not (grad_clip >= 0):
         raise EdgetuneError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
     compiled_dir = Path(compiled_dir)
@@ -244,8 +291,10 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
                       for m in model.modules() if type(m).__name__ == "NF4Linear")
 
     n_nf4 = _swap_nf4(model, nf4)
+    act_bits = int((manifest.get("s2a") or {}).get("act_bits", 16))
+    act4_ops = _swap_act4(model) if act4 == "op" or (act4 == "auto" and act_bits == 4) else []
     library = None
-    if n_nf4 and nf4 == "op":
+    if (n_nf4 and nf4 == "op") or act4_ops:
         from .custom_ops import build_library, register_gradients
 
         library = build_library()
@@ -299,9 +348,11 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
             "vocab_size": model.config.vocab_size,
             "opset": OPSET,
             "nf4": nf4 if n_nf4 else None,
-            "custom_op_library": ({"sources_sha256": _sources_sha(), "ops": ["edgetune::NF4MatMul",
-                                                                             "edgetune::NF4MatMulGrad"]}
+            "custom_op_library": ({"sources_sha256": _sources_sha(), "ops": _ops_used(graph)}
                                   if library else None),
+            # the S2A nonlinearities exported as Act4 ops (4-bit derivative codes saved for backward)
+            "act4": {"ops": sorted(set(act4_ops)), "count": len(act4_ops), "source_act_bits": act_bits}
+            if act4_ops else None,
             "optimizer": {"type": "AdamW", "lr": lr, "eps": 1e-8, "betas": [0.9, 0.999],
                           "weight_decay": weight_decay, "grad_clip": grad_clip},
             "inputs": ["input_ids", "attention_mask", "labels"],
@@ -330,6 +381,18 @@ def _torch_adamw(onnx, path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _ops_used(graph) -> list[str]:
+    """The edgetune-domain ops of the forward graph plus their gradient ops."""
+    from .custom_ops import ACT4_GRAD, ACT4_OPS, BACKWARD_OP, DOMAIN, FORWARD_OP
+
+    used = {n.op_type for n in graph.graph.node if n.domain == DOMAIN}
+    if FORWARD_OP in used:
+        used.add(BACKWARD_OP)
+    if used & set(ACT4_OPS.values()):
+        used.add(ACT4_GRAD)
+    return sorted(f"{DOMAIN}::{op}" for op in used)
+
+
 def _sources_sha() -> str:
     from .custom_ops import sources_sha256
 
@@ -346,4 +409,4 @@ def read_ort_dir(directory: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
-__all__ = ["export_training", "read_ort_dir", "ExportResult", "KIND", "NF4_MODES"]
+__all__ = ["export_training", "read_ort_dir", "ExportResult", "KIND", "NF4_MODES", "ACT4_MODES"]
