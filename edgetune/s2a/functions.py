@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from edgetune.quant.actpack import (Int8Groups, dequantize_int8_groups, pack_bits, pack_nibbles,
                                     quantize_int8_groups, unpack_bits, unpack_nibbles)
 
-from .tables import DERIVATIVES, FORWARDS, table_for
+from .tables import BACKWARDS, FORWARDS, table_for
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Int8Pointwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x = _load_int8(*ctx.saved_tensors, ctx.shape, _acc(grad.dtype))
-        return grad * DERIVATIVES[ctx.op](x).to(grad.dtype), None, None
+        return BACKWARDS[ctx.op](grad.to(x.dtype), x).to(grad.dtype), None, None
 
 
 class Relu1Bit(torch.autograd.Function):
@@ -183,11 +183,12 @@ class LeanGatedProduct(torch.autograd.Function):
             u = _load_int8(*saved[1:4], shape, dtype)
             act = _load_int8(*saved[4:7], shape, dtype)
             dact = table_for(ctx.op, 4).derivative(codes, dtype)
-        else:
-            g = _load_int8(*saved[0:3], shape, _acc(dtype))
-            u = _load_int8(*saved[3:6], shape, dtype)
-            act, dact = FORWARDS[ctx.op](g).to(dtype), DERIVATIVES[ctx.op](g).to(dtype)
-        return grad * u * dact, grad * act, None, None
+            return grad * u * dact, grad * act, None, None
+        g = _load_int8(*saved[0:3], shape, _acc(dtype))  # (..., F)
+        u = _load_int8(*saved[3:6], shape, g.dtype)
+        dg = BACKWARDS[ctx.op]((grad * u).to(g.dtype), g)  # dY·u·f′(ĝ), fused
+        du = grad * FORWARDS[ctx.op](g).to(dtype)  # dY·f(ĝ)
+        return dg.to(dtype), du, None, None
 
 
 # --------------------------------------------------------------------------- norms

@@ -52,6 +52,13 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
 DERIVATIVES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_grad, "gelu": gelu_grad, "gelu_tanh": gelu_tanh_grad,
 }
+# grad · f′(x) in one fused aten kernel each: what a backward that holds the exact x uses
+# (one pass over memory instead of the five of ``grad * DERIVATIVES[op](x)``).
+BACKWARDS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "silu": lambda grad, x: torch.ops.aten.silu_backward(grad, x),
+    "gelu": lambda grad, x: torch.ops.aten.gelu_backward(grad, x),
+    "gelu_tanh": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
+}
 FORWARDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": torch.nn.functional.silu,
     "gelu": torch.nn.functional.gelu,
