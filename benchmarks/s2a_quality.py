@@ -6,19 +6,32 @@
 Every configuration starts from the same default model (SmolLM2-135M-Instruct, fp32), compiles,
 trains with edgetune's trainer on the shipped ``instructions.jsonl`` (same seed, same batches, AdamW,
 ``--lr``), and is evaluated on ``instructions_heldout.jsonl`` (never trained on). ``s2a-bias`` and
-``s2a-prompt`` are the s2a recipe with only bias tuning / only low-rank prompts. Prints a table;
-asserts nothing. The issue's target: qlora@4 within 2% of qlora@16 after 100 steps.
+``s2a-prompt`` are the s2a recipe with only bias tuning / only low-rank prompts. Any s2a variant can
+also be spelled ``s2a:PART+PART...`` with parts ``bias``, ``prompt`` or ``prompt<len>x<rank>``
+(e.g. ``prompt32x8``), and ``side`` or ``side<dim>`` or ``side<dim>k<every>`` (e.g. ``side64k2``)::
+
+    python benchmarks/s2a_quality.py --seq-len 64 --configs s2a:side,s2a:bias+prompt+side,s2a:bias
+
+Besides the held-out loss it reports trainable parameters and the bytes saved for backward by one
+training forward at ``--batch`` x ``--saved-seq-len`` (unique storages, parameters and buffers
+excluded: benchmarks/common.py's counter). Prints a table; asserts nothing. The issue's target:
+qlora@4 within 2% of qlora@16 after 100 steps.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import re
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MIB, SavedTensors, frozen_storage_ptrs, real_batch  # noqa: E402
 
 warnings.filterwarnings("ignore")
 DATA = Path(__file__).resolve().parent.parent / "edgetune" / "data"
@@ -33,6 +46,38 @@ CONFIGS = {
 }
 
 
+def parse_config(name: str) -> tuple[str, int, dict]:
+    """A name from CONFIGS, or ``s2a:bias+prompt16x4+side64k1`` -> ("s2a", 4, options)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    if not name.startswith("s2a:"):
+        raise SystemExit(f"unknown config {name!r}: one of {', '.join(CONFIGS)} or s2a:PART+PART")
+    opts = {"bias": False, "prompt_len": 0, "side": False}
+    for part in name[4:].split("+"):
+        if part == "bias":
+            opts["bias"] = True
+        elif m := re.fullmatch(r"prompt(?:(\d+)x(\d+))?", part):
+            opts["prompt_len"] = int(m.group(1) or 16)
+            opts["prompt_rank"] = int(m.group(2) or 4)
+        elif m := re.fullmatch(r"side(\d+)?(?:k(\d+))?", part):
+            opts.update(side=True, side_dim=int(m.group(1) or 64), side_every=int(m.group(2) or 1))
+        else:
+            raise SystemExit(f"unknown s2a part {part!r} in {name!r}: bias, prompt[LxR], side[D][kK]")
+    return "s2a", 4, opts
+
+
+def saved_mib(model, batch) -> float:
+    """MiB saved for backward by one training forward (the loss the trainer computes)."""
+    from edgetune.s2a.loss import causal_lm_loss
+
+    model.train()
+    counter = SavedTensors(frozen_storage_ptrs(model))
+    with counter.record():
+        loss = causal_lm_loss(model, batch)
+    del loss
+    return counter.nbytes / MIB
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="qlora@16,qlora@4,s2a")
@@ -41,6 +86,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--saved-seq-len", type=int, default=256, help="sequence length of the saved-bytes forward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import edgetune
@@ -54,9 +100,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base_loss = evaluate_loss(base, heldout, args.batch)["loss"]
         for name in args.configs.split(","):
-            recipe, bits, opts = CONFIGS[name]
+            recipe, bits, opts = parse_config(name)
             model = edgetune.compile(copy.deepcopy(base), recipe, act_bits=bits, **opts)
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            saved = saved_mib(model, real_batch(tok, args.batch, args.saved_seq_len))
             edgetune.save(model, Path(tmp) / name, tok)
             del model
             t0 = time.perf_counter()
@@ -65,15 +112,19 @@ def main() -> None:
             elapsed = time.perf_counter() - t0
             trained, _, _ = load_run(Path(tmp) / f"{name}-run")
             loss = evaluate_loss(trained, heldout, args.batch)["loss"]
-            rows.append((name, n_train, loss, elapsed / args.steps))
-            print(f"{name}: held-out {loss:.4f} ({elapsed / args.steps:.2f} s/step)", flush=True)
+            rows.append((name, n_train, loss, elapsed / args.steps, saved))
+            print(f"{name}: held-out {loss:.4f}, {n_train:,} trainable, saved {saved:.1f} MiB "
+                  f"({elapsed / args.steps:.2f} s/step)", flush=True)
             del trained
     print(f"\n{args.steps} steps, batch {args.batch} x {args.seq_len}, lr {args.lr}; base held-out loss {base_loss:.4f}")
     ref = dict((r[0], r[2]) for r in rows)
-    print(f"{'config':12} {'trainable':>11} {'held-out':>9} {'vs base':>8} {'vs @16':>8} {'s/step':>7}")
-    for name, n, loss, sps in rows:
+    print(f"saved MiB: one training forward at {args.batch} x {args.saved_seq_len}")
+    w = max(12, *(len(r[0]) for r in rows))
+    print(f"{'config':{w}} {'trainable':>11} {'held-out':>9} {'vs base':>8} {'vs @16':>8} {'saved MiB':>9} {'s/step':>7}")
+    for name, n, loss, sps, saved in rows:
         vs16 = f"{100 * (loss - ref['qlora@16']) / ref['qlora@16']:+.2f}%" if "qlora@16" in ref else ""
-        print(f"{name:12} {n:11,} {loss:9.4f} {100 * (loss - base_loss) / base_loss:+7.1f}% {vs16:>8} {sps:7.2f}")
+        print(f"{name:{w}} {n:11,} {loss:9.4f} {100 * (loss - base_loss) / base_loss:+7.1f}% {vs16:>8} "
+              f"{saved:9.1f} {sps:7.2f}")
 
 
 if __name__ == "__main__":

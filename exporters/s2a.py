@@ -3,13 +3,15 @@
 The PEFT format has no slot for per-projection bias deltas or per-block prompts, so an S2A
 adapter is its own small directory::
 
-    s2a.safetensors   every trainable tensor (delta_bias, s2a_prompt.A/.B), by module path
+    s2a.safetensors   every trainable tensor (delta_bias, s2a_prompt.A/.B, s2a_side.*), by module path
     manifest.json     kind "s2a-adapter": recipe config and the base's sha256
 
 ``merge --dense`` writes a plain transformers model: NF4 weights are dequantized, a projection's
 delta becomes its bias (``attention_bias`` / ``mlp_bias`` switched on), and a norm's delta is
 folded into the projections that read the norm (W·(n + b) = W·n + W·b). A trained low-rank prompt is
-position-dependent and cannot be folded; a dense merge of one is refused.
+position-dependent and a trained side branch is a separate network (pooled block inputs through an
+MLP); neither has a place in a plain transformers model, so a dense merge of one is refused. An
+untrained one (zero A, zero up-projection) contributes exactly nothing and is dropped.
 """
 from __future__ import annotations
 
@@ -80,6 +82,10 @@ def dense_s2a_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
         if prompt is not None and bool(prompt.A.detach().abs().sum() > 0):
             raise EdgetuneError(f"{name}: a trained low-rank prompt cannot be folded into a dense model; "
                                 "merge without --dense, or train with --prompt-len 0")
+        side = getattr(m, "s2a_side", None)
+        if side is not None and bool(side.up.weight.detach().abs().sum() > 0):
+            raise EdgetuneError(f"{name}.s2a_side: a trained side branch is a separate network and cannot be folded "
+                                "into a dense model; merge without --dense, or train with --no-side")
     if model.config.model_type not in ("llama", "qwen2", "mistral"):
         raise EdgetuneError(f"dense S2A merge supports Llama-family models, not {model.config.model_type!r}")
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -103,7 +109,7 @@ def dense_s2a_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
     full = {k: v.detach().to(dtype) for k, v in model.state_dict().items()
-            if not any(s in k for s in ("packed", "absmax", "delta_bias", "s2a_prompt"))}
+            if not any(s in k for s in ("packed", "absmax", "delta_bias", "s2a_prompt", "s2a_side"))}
     remapped = {k.replace(".base.", "."): v for k, v in full.items()}
     remapped.update(state)
     missing, unexpected = dense.load_state_dict(remapped, strict=False, assign=True)
@@ -113,8 +119,19 @@ def dense_s2a_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
         raise ArtifactError(f"dense merge left tensors unset: {missing[:4]}")
     if tied:
         dense.tie_weights()
+    _copy_unsaved_buffers(dense, model)
     dense.eval()
     return dense
+
+
+def _copy_unsaved_buffers(dense: nn.Module, model: nn.Module) -> None:
+    """Non-persistent buffers (the rotary ``inv_freq``) are not in a state dict, so the meta-built
+    dense model still has them on meta; take them from the s2a model, which computed them."""
+    source = {k.replace(".base.", "."): v for k, v in model.named_buffers()}
+    for name, buf in list(dense.named_buffers()):
+        if buf.is_meta and name in source:
+            owner, _, leaf = name.rpartition(".")
+            dense.get_submodule(owner)._buffers[leaf] = source[name].detach().clone()
 
 
 def merge_s2a_artifact(base_dir, adapter_dir, out, *, dense: bool = False, dtype=None, force: bool = False,

@@ -15,12 +15,18 @@ class S2AConfig:
     prompt_rank: int = _help("rank of each block's low-rank prompt", default=4)
     blocksize: int = _help("NF4 quantization block size (base nf4)", default=64)
     double_quant: bool = _help("NF4 double quantization (base nf4)", default=False)
-    init_seed: int = _help("seed for the prompt initialisation", default=0)
+    side: bool = _help("lite side branch: a width-side_dim network fed by pooled block inputs, added before the final norm",
+                       default=False)
+    side_dim: int = _help("width of the side branch (hidden channels are average-pooled down to it)", default=64)
+    side_every: int = _help("the side branch reads every k-th block's input (1 = every block)", default=1)
+    init_seed: int = _help("seed for the prompt and side-branch initialisation", default=0)
 
     def __post_init__(self):
         if self.base not in ("nf4", "dense"):
             raise ValueError(f"base must be nf4 or dense, got {self.base!r}")
         if self.prompt_len < 0 or self.prompt_rank < 1:
             raise ValueError("prompt_len must be >= 0 and prompt_rank >= 1")
-        if not self.bias and self.prompt_len == 0:
-            raise ValueError("nothing to train: enable --bias or set --prompt-len > 0")
+        if self.side_dim < 1 or self.side_every < 1:
+            raise ValueError("side_dim and side_every must be >= 1")
+        if not self.bias and self.prompt_len == 0 and not self.side:
+            raise ValueError("nothing to train: enable --bias or --side, or set --prompt-len > 0")

@@ -1,12 +1,15 @@
-"""The `s2a` rewrite: freeze (and optionally NF4-quantize) the base, add bias tuning and low-rank prompts."""
+"""The `s2a` rewrite: freeze (and optionally NF4-quantize) the base, add bias tuning, low-rank prompts
+and the lite side branch."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ...errors import EdgetuneError
 from ...models.arch import ArchSpec, get_submodule_parent, linear_weight
 from .config import S2AConfig
 from .layer import BiasTuned, LowRankPrompt, attach_prompt
+from .side import SideBranch, attach_side
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "ln_1", "ln_2")
 
@@ -59,4 +62,22 @@ def apply(model: nn.Module, config: S2AConfig, arch: ArchSpec, materialize: bool
             if materialize:
                 prompt.reset_parameters(generator)
             attach_prompt(layer, prompt)
+    if config.side:
+        _add_side(model, config, layers, device, dtype, materialize)
     return changed
+
+
+def _add_side(model: nn.Module, config: S2AConfig, layers: list[nn.Module], device, dtype, materialize: bool) -> None:
+    """Register the side branch on the base model (``<base>.s2a_side``) and hook it into the blocks.
+    Its hooks are registered after the prompts', so the side reads a block's prompted input."""
+    base = model.base_model
+    if hasattr(base, "s2a_side"):
+        return
+    if not 1 <= config.side_dim <= model.config.hidden_size:
+        raise EdgetuneError(f"side_dim must be in [1, hidden size {model.config.hidden_size}], got {config.side_dim}")
+    side = SideBranch(model.config.hidden_size, config.side_dim, list(range(0, len(layers), config.side_every)),
+                      device=device, dtype=dtype)
+    if materialize:
+        side.reset_parameters(torch.Generator().manual_seed(config.init_seed + 1))
+    base.s2a_side = side
+    attach_side(layers, side)
