@@ -76,7 +76,8 @@ class ModelShape:
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
         model_type = get("model_type")
         if model_type not in ("llama", "qwen2", "mistral"):
-            raise EdgetuneError(f"the planner supports llama, qwen2 and mistral configs, not {model_type!r}")
+            raise EdgetuneError(f"the planner supports llama, qwen2, mistral, vit and resnet configs, "
+                                f"not {model_type!r}")
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
         return cls(model_type, hidden, int(get("intermediate_size")), int(get("num_hidden_layers")), heads,
                    int(get("num_key_value_heads") or heads), int(get("head_dim") or hidden // heads),
@@ -103,21 +104,123 @@ class ModelShape:
         return self.layers * per_block + emb * (1 if self.tied else 2) + self.hidden
 
 
+def _getter(cfg):
+    return (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+
+
+def _labels(get) -> int:
+    return int(get("num_labels") or len(get("id2label") or {}) or 2)
+
+
+VIT_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")  # transformers' ViT projection names
+
+
+@dataclass(frozen=True)
+class VitShape:
+    """The numbers of a ViT image classifier (transformers ``ViTForImageClassification``) memory depends on."""
+
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    image: int
+    patch: int
+    channels: int
+    labels: int
+    qkv_bias: bool
+    model_type: str = "vit"
+
+    @classmethod
+    def from_config(cls, cfg) -> "VitShape":
+        get = _getter(cfg)
+        return cls(int(get("hidden_size")), int(get("intermediate_size")), int(get("num_hidden_layers")),
+                   int(get("num_attention_heads")), int(get("image_size")), int(get("patch_size")),
+                   int(get("num_channels", 3)), _labels(get), bool(get("qkv_bias", True)))
+
+    @property
+    def tokens(self) -> int:
+        """Patches plus the [CLS] token: the fixed sequence every image becomes."""
+        return (self.image // self.patch) ** 2 + 1
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        d, f = self.hidden, self.ffn
+        return {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d), "fc1": (f, d), "fc2": (d, f)}
+
+    def bias_numel(self) -> int:
+        return (3 * self.hidden if self.qkv_bias else 0) + 2 * self.hidden + self.ffn  # + o_proj, fc1, fc2
+
+    def frozen_numel(self) -> int:
+        """Everything but the projections' weights and the classifier: biases, norms, patch/position embeddings."""
+        d = self.hidden
+        per_block = self.bias_numel() + 4 * d  # two LayerNorms
+        emb = self.channels * self.patch ** 2 * d + d + d + self.tokens * d  # conv + bias, cls, positions
+        return self.layers * per_block + emb + 2 * d
+
+    @property
+    def params(self) -> int:
+        return (self.layers * sum(o * i for o, i in self.linear_shapes().values()) + self.frozen_numel()
+                + self.hidden * self.labels + self.labels)
+
+
+@dataclass(frozen=True)
+class ResNetShape:
+    """A bottleneck ResNet (transformers ``ResNetForImageClassification``): stem, stages, classifier."""
+
+    embedding: int
+    hidden_sizes: tuple[int, ...]
+    depths: tuple[int, ...]
+    image: int
+    channels: int
+    labels: int
+    downsample_in_bottleneck: bool = False
+    downsample_in_first_stage: bool = False
+    model_type: str = "resnet"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ResNetShape":
+        get = _getter(cfg)
+        if get("layer_type", "bottleneck") != "bottleneck":
+            raise EdgetuneError(f"the planner supports bottleneck ResNets, not layer_type {get('layer_type')!r}")
+        # ResNetConfig has no image size; the shipped config adds image_size = 224 (ImageNet)
+        return cls(int(get("embedding_size")), tuple(int(x) for x in get("hidden_sizes")),
+                   tuple(int(x) for x in get("depths")), int(get("image_size", 224)), int(get("num_channels", 3)),
+                   _labels(get), bool(get("downsample_in_bottleneck", False)),
+                   bool(get("downsample_in_first_stage", False)))
+
+    @property
+    def tokens(self) -> int:
+        return 0  # no sequence axis: the planner picks the batch
+
+    @property
+    def params(self) -> int:
+        return resnet_walk(self, 1, 4)["params"]
+
+
+def shape_from_config(cfg):
+    """The planner's shape for a config dict or object: a decoder LM, a ViT or a ResNet."""
+    model_type = _getter(cfg)("model_type")
+    if model_type == "vit":
+        return VitShape.from_config(cfg)
+    if model_type == "resnet":
+        return ResNetShape.from_config(cfg)
+    return ModelShape.from_config(cfg)
+
+
 def shipped_configs() -> dict[str, Path]:
     root = resources.files("edgetune.configs")
     return {p.name.removesuffix(".json"): Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")}
 
 
-def shape_for(model: str) -> ModelShape:
+def shape_for(model: str):
     """A shipped config name, ``default``, a HF model directory, or a .gguf file (metadata only)."""
     configs = shipped_configs()
     name = "smollm2-135m" if model == "default" else model
     if name in configs:
-        return ModelShape.from_config(json.loads(configs[name].read_text()))
+        return shape_from_config(json.loads(configs[name].read_text()))
     path = Path(model)
     if path.is_dir() and (path / "config.json").is_file():
         try:
-            return ModelShape.from_config(json.loads((path / "config.json").read_text()))
+            return shape_from_config(json.loads((path / "config.json").read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise EdgetuneError(f"{path / 'config.json'}: not a usable model config ({exc})") from None
     if path.is_file() and path.suffix == ".gguf":
@@ -165,6 +268,7 @@ class Plan:
     recipe: str = ""
     step_time_s: float | None = None
     suggestion: str | None = None
+    image_size: int = 0  # image models: the input side in pixels (seq_len is then the ViT's tokens, or 0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -282,7 +386,203 @@ def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
     return frozen, trainable
 
 
+# ----------------------------------------------------------------------------------- image models
+#
+# ViT (LoRA or QLoRA on the projections, the classifier head trained) and ResNet (full fine-tuning:
+# edgetune has no LoRA for convolutions). Both see a fixed input per image, so the batch is the only
+# axis the planner picks. What autograd keeps per ViT block (``tests/test_planner_vision.py``):
+#
+#   LayerNorm (x2)   input (N·d) + float32 mean and rstd (N each); block 0's first saves nothing
+#   LoRA inputs      LN output read by q/k/v (N·d), by fc1 (N·d); the GELU output read by fc2 (N·f);
+#                    o_proj reads SDPA's output, already saved; x·Aᵀ (N·r) per adapted projection
+#   attention        q, k, v, output (N·d each) + float32 log-sum-exp (N·h)
+#   GELU             its input (N·f)
+#   head             final LayerNorm as above, and the classifier's input: a [CLS] slice whose
+#                    storage is the whole LN output (N·d); log-probs (B·L fp32), labels, total_weight
+#
+# with N = batch × tokens. Under the S2A rewrite (act-bits 8/4) every N·d/N·f tensor above is kept in
+# 8-bit groups of 64, the GELU input too at act-bits 8 and as 4-bit derivative codes (N·f/2 bytes) at 4;
+# x·Aᵀ and the head stay as they are.
+
+
+def _vit_targets(job: "JobSpec") -> tuple[str, ...]:
+    if tuple(job.targets) == LLAMA_PROJ:  # the LM default ("all") means every ViT projection
+        return VIT_PROJ
+    unknown = sorted(set(job.targets) - set(VIT_PROJ))
+    if unknown:
+        raise EdgetuneError(f"unknown ViT projection(s) {', '.join(unknown)}; choose from {', '.join(VIT_PROJ)}")
+    return tuple(job.targets)
+
+
+def vit_activation_bytes(shape: VitShape, job: "JobSpec", batch: int) -> dict[str, int]:
+    """Bytes autograd saves for backward in a ViT with LoRA (see the block comment above)."""
+    n = batch * shape.tokens
+    a = DTYPE_BYTES[job.dtype]
+    d, f, h = shape.hidden, shape.ffn, shape.heads
+    t = set(_vit_targets(job))
+    qkv, o, fc1, fc2 = bool(t & {"q_proj", "k_proj", "v_proj"}), "o_proj" in t, "fc1" in t, "fc2" in t
+    if job.act_bits == 16:
+        nd, nf, gelu = n * d * a, n * f * a, n * f * a
+    else:
+        nd, nf = _q8(n * d), _q8(n * f)
+        gelu = nf if job.act_bits == 8 else -(-n * f // 2)  # 4-bit derivative codes only at act-bits 4
+    ln = nd + 2 * 4 * n
+    attn = 4 * nd + 4 * n * h
+    r = _lora_rank(job)
+    after_attn = qkv or o
+    rest = shape.layers - 1
+    norms = rest * 2 * ln + (ln if after_attn else 0) + ln  # + the final LayerNorm
+    attention = rest * attn + (attn if qkv else 0)
+    lora_in = (nd * qkv + nd * fc1 + nf * fc2) * shape.layers + (nd if o and not qkv else 0)  # block 0: o's own input
+    mlp = rest * gelu + (gelu if after_attn or fc1 else 0)
+    hiddens = shape.layers * n * r * len(t) * a
+    head = n * d * a + batch * shape.labels * 4 + batch * 8 + 4
+    return {"norms": norms, "lora_inputs": lora_in + hiddens, "attention": attention, "mlp": mlp, "head": head}
+
+
+def vit_weight_bytes(shape: VitShape, job: "JobSpec") -> tuple[int, int]:
+    """(frozen bytes, trainable bytes): NF4 targets under qlora, LoRA A/B and the classifier train."""
+    a = DTYPE_BYTES[job.dtype]
+    t = _vit_targets(job)
+    frozen = shape.frozen_numel() * a
+    for name, (o, i) in shape.linear_shapes().items():
+        if job.recipe == "qlora" and name in t:
+            blocks = -(-o * i // job.blocksize)
+            frozen += shape.layers * (o * i // 2 + (blocks + 4 * blocks // 256 if job.double_quant else 4 * blocks))
+        else:
+            frozen += shape.layers * o * i * a
+    lora = sum(job.r * (o + i) for n, (o, i) in shape.linear_shapes().items() if n in t) * shape.layers
+    return frozen, (lora + shape.hidden * shape.labels + shape.labels) * a
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1  # padding kernel // 2, as transformers' ResNet
+
+
+def resnet_walk(shape: ResNetShape, batch: int, a: int) -> dict[str, int]:
+    """Walk a bottleneck ResNet: saved bytes by layer type under full fine-tuning, params, forward FLOPs.
+
+    Full fine-tuning saves every convolution's input (its weight gradient needs it; inputs are
+    the previous ReLU's output, shared, so only the stem's pixels and the max-pool output are
+    new), every BatchNorm's input plus float32 batch mean and inverse std per channel, every
+    ReLU's output, the max-pool's int64 indices, and the classifier's pooled input.
+    """
+    out = {"conv_inputs": 0, "batchnorm": 0, "relu": 0, "pool": 0, "head": 0, "params": 0, "buffers": 0, "flops": 0,
+           "largest": 0}
+    b = batch
+
+    def conv(cin, cout, k, hin, stride):
+        hout = _conv_out(hin, k, stride)
+        out["params"] += cout * cin * k * k
+        out["flops"] += 2 * b * hout * hout * cin * cout * k * k
+        bn(cout, hout)
+        return hout
+
+    def bn(c, hw):
+        out["batchnorm"] += b * c * hw * hw * a + 2 * c * 4
+        out["params"] += 2 * c
+        out["buffers"] += 2 * c * a + 8  # running mean and var, num_batches_tracked (int64)
+        out["largest"] = max(out["largest"], b * c * hw * hw * a)
+
+    h = shape.image
+    out["conv_inputs"] += b * shape.channels * h * h * a  # the pixels
+    h = conv(shape.channels, shape.embedding, 7, h, 2)
+    out["relu"] += b * shape.embedding * h * h * a
+    h = _conv_out(h, 3, 2)  # max-pool 3x3, stride 2, padding 1
+    out["pool"] += b * shape.embedding * h * h * 8
+    out["conv_inputs"] += b * shape.embedding * h * h * a  # the first block's input is the pool's output
+    cin = shape.embedding
+    for s, (c, depth) in enumerate(zip(shape.hidden_sizes, shape.depths)):
+        for j in range(depth):
+            stride = (2 if s or shape.downsample_in_first_stage else 1) if j == 0 else 1
+            m = c // 4
+            s1, s2 = (stride, 1) if shape.downsample_in_bottleneck else (1, stride)
+            h1 = conv(cin, m, 1, h, s1)
+            out["relu"] += b * m * h1 * h1 * a
+            h2 = conv(m, m, 3, h1, s2)
+            out["relu"] += b * m * h2 * h2 * a
+            conv(m, c, 1, h2, 1)
+            if cin != c or stride != 1:
+                conv(cin, c, 1, h, stride)  # the projection shortcut
+            out["relu"] += b * c * h2 * h2 * a
+            cin, h = c, h2
+    out["head"] += b * cin * a + b * shape.labels * 4 + b * 8 + 4  # pooled input, log-probs, labels, total_weight
+    out["params"] += cin * shape.labels + shape.labels
+    out["flops"] += 2 * b * cin * shape.labels
+    return out
+
+
+def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "Plan":
+    a = DTYPE_BYTES[job.dtype]
+    if isinstance(shape, ResNetShape):
+        if job.recipe != "full":
+            raise EdgetuneError(f"ResNet is planned for full fine-tuning (recipe 'full'), not {job.recipe!r}: "
+                                "edgetune has no LoRA for convolutions")
+        if job.act_bits != 16:
+            raise EdgetuneError("the planner has ResNet at act-bits 16 only: BatchNorm/ReLU compression is not "
+                                "in its formula yet")
+        walk = resnet_walk(shape, batch, a)
+        acts = {k: walk[k] for k in ("conv_inputs", "batchnorm", "relu", "pool", "head")}
+        uncompressed = sum(acts.values())
+        frozen, trainable = walk["buffers"], walk["params"] * a
+        workspace = {"backward_workspace": 2 * walk["largest"]}  # one layer's grad_input and grad_output
+        flops = 3 * walk["flops"]  # forward, input gradients, weight gradients
+    else:
+        if job.recipe not in ("lora", "qlora"):
+            raise EdgetuneError(f"the planner has ViT formulas for recipes lora and qlora, not {job.recipe!r}")
+        acts = vit_activation_bytes(shape, job, batch)
+        uncompressed = sum(vit_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch).values())
+        frozen, trainable = vit_weight_bytes(shape, job)
+        n, d = batch * shape.tokens, shape.hidden
+        dequant = shape.hidden * shape.ffn * a if job.recipe == "qlora" else 0
+        workspace = {"attention_workspace": 4 * n * d * a + dequant}
+        lin = shape.layers * sum(o * i for o, i in shape.linear_shapes().values())
+        flops = 2 * (2 * n * lin + 4 * batch * shape.tokens ** 2 * d * shape.layers)  # forward + input grads
+    components = {"weights": frozen, "trainable": trainable, "gradients": trainable, "optimizer": 2 * trainable,
+                  "activations": sum(acts.values()),
+                  "activation_transients": int(TRANSIENT_FRACTION * uncompressed), **workspace}
+    fixed, frac = OVERHEAD[profile.accelerator]
+    components["overhead"] = int(fixed + frac * sum(components.values()))
+    total = sum(components.values())
+    step = flops / (profile.peak_tflops * 1e12 * 0.5) + 2 * (frozen + trainable) / (profile.memory_bandwidth_gbps * 1e9)
+    return Plan(total <= profile.usable_bytes, profile.usable_bytes, total, batch, shape.tokens, components, acts,
+                profile.name, job.recipe, round(step, 3), image_size=shape.image)
+
+
+def _choose_vision(shape, job: "JobSpec", profile: DeviceProfile, batch: int | None, seq_len: int | None) -> "Plan":
+    """Image models: the batch is the only axis; a missing one is the largest that fits (up to 4096)."""
+    if seq_len is not None:
+        raise EdgetuneError("--seq-len does not apply to image models: every image is the same size; "
+                            "the planner picks --batch")
+    if batch is not None:
+        plan = _vision_plan(shape, job, profile, batch)
+    elif not _vision_plan(shape, job, profile, 1).fits:
+        plan = _vision_plan(shape, job, profile, 1)
+    else:
+        lo, hi = 1, 2
+        while hi <= 4096 and _vision_plan(shape, job, profile, hi).fits:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # largest fitting batch in [lo, hi)
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _vision_plan(shape, job, profile, mid).fits else (lo, mid)
+        plan = _vision_plan(shape, job, profile, min(lo, 4096))
+    if not plan.fits:
+        if isinstance(shape, VitShape) and job.act_bits != 4 and \
+                _vision_plan(shape, dataclasses.replace(job, act_bits=4), profile, plan.batch).fits:
+            plan.suggestion = "use --act-bits 4 (compressed saved activations)"
+        elif isinstance(shape, VitShape) and job.recipe == "lora" and \
+                _vision_plan(shape, dataclasses.replace(job, recipe="qlora"), profile, plan.batch).fits:
+            plan.suggestion = "use --recipe qlora (NF4 base weights)"
+        elif plan.batch > 1 and _vision_plan(shape, job, profile, 1).fits:
+            plan.suggestion = "use a smaller --batch"
+        else:
+            plan.suggestion = "no setting fits this device; choose a smaller model or a device with more memory"
+    return plan
+
+
 def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int, seq_len: int) -> Plan:
+    if isinstance(shape, (VitShape, ResNetShape)):
+        return _vision_plan(shape, job, profile, batch)
     frozen, trainable = weight_bytes(shape, job)
     acts = saved_activation_bytes(shape, job, batch, seq_len)
     n = batch * seq_len
@@ -328,6 +628,8 @@ def _seq_candidates(context: int) -> list[int]:
 def choose(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int | None = None,
            seq_len: int | None = None) -> Plan:
     """The plan for the given batch/seq_len; a missing one is the largest that fits (seq_len first)."""
+    if isinstance(shape, (VitShape, ResNetShape)):
+        return _choose_vision(shape, job, profile, batch, seq_len)
     if seq_len is not None and seq_len > shape.context:
         raise EdgetuneError(f"--seq-len {seq_len} is beyond the model's context of {shape.context} tokens")
     seqs = [seq_len] if seq_len else _seq_candidates(shape.context)
