@@ -459,38 +459,60 @@ def _conv_out(size: int, kernel: int, stride: int) -> int:
     return (size + 2 * (kernel // 2) - kernel) // stride + 1  # padding kernel // 2, as transformers' ResNet
 
 
-def resnet_walk(shape: ResNetShape, batch: int, a: int) -> dict[str, int]:
-    """Walk a bottleneck ResNet: saved bytes by layer type under full fine-tuning, params, forward FLOPs.
+def resnet_walk(shape: ResNetShape, batch: int, a: int, recipe: str = "full", act_bits: int = 16) -> dict[str, int]:
+    """Walk a bottleneck ResNet: saved bytes by layer type, params, buffers, forward FLOPs.
 
-    Full fine-tuning saves every convolution's input (its weight gradient needs it; inputs are
-    the previous ReLU's output, shared, so only the stem's pixels and the max-pool output are
-    new), every BatchNorm's input plus float32 batch mean and inverse std per channel, every
-    ReLU's output, the max-pool's int64 indices, and the classifier's pooled input.
+    ``full`` fine-tuning trains everything; ``norm`` trains the BatchNorm affine parameters and the
+    classifier with the convolutions frozen (as in ``tests/s2a/test_vision_resnet.py``). Plain
+    autograd (act-bits 16) saves every convolution's input, even a frozen one's, as long as
+    anything before it trains (inputs are the previous ReLU's output, shared, so only the
+    max-pool output is new, and the pixels under ``full``), every BatchNorm's input plus float32
+    batch mean and inverse std per channel, every ReLU's output, the max-pool's int64 indices,
+    and the classifier's pooled input. The S2A rewrite (act-bits 8 or 4, ``norm`` only;
+    ``edgetune/s2a/vision.py``) keeps no input for a frozen convolution, the BatchNorm input in
+    8-bit groups of 64 (flat NCHW) with the same per-channel statistics, 1 bit per ReLU output,
+    4 bits per max-pool position, and nothing for the global average pool.
     """
-    out = {"conv_inputs": 0, "batchnorm": 0, "relu": 0, "pool": 0, "head": 0, "params": 0, "buffers": 0, "flops": 0,
-           "largest": 0}
+    if recipe not in ("full", "norm"):
+        raise EdgetuneError(f"ResNet is planned for recipes 'full' (everything trains) and 'norm' (BatchNorm "
+                            f"and classifier train), not {recipe!r}: edgetune has no LoRA for convolutions")
+    lean = act_bits != 16
+    if lean and recipe == "full":
+        raise EdgetuneError("the planner has full ResNet fine-tuning at act-bits 16 only (trained convolutions "
+                            "keep their inputs); use recipe 'norm' for --act-bits 8/4")
+    out = {"conv_inputs": 0, "batchnorm": 0, "relu": 0, "pool": 0, "head": 0, "params": 0, "trainable": 0,
+           "buffers": 0, "flops": 0, "largest": 0}
     b = batch
 
     def conv(cin, cout, k, hin, stride):
         hout = _conv_out(hin, k, stride)
         out["params"] += cout * cin * k * k
+        out["trainable"] += cout * cin * k * k if recipe == "full" else 0
         out["flops"] += 2 * b * hout * hout * cin * cout * k * k
         bn(cout, hout)
         return hout
 
     def bn(c, hw):
-        out["batchnorm"] += b * c * hw * hw * a + 2 * c * 4
+        numel = b * c * hw * hw
+        out["batchnorm"] += (_q8(numel) if lean else numel * a) + 2 * c * 4
         out["params"] += 2 * c
+        out["trainable"] += 2 * c
         out["buffers"] += 2 * c * a + 8  # running mean and var, num_batches_tracked (int64)
-        out["largest"] = max(out["largest"], b * c * hw * hw * a)
+        out["largest"] = max(out["largest"], numel * a)
+
+    def relu(numel):
+        out["relu"] += -(-numel // 8) if lean else numel * a
 
     h = shape.image
-    out["conv_inputs"] += b * shape.channels * h * h * a  # the pixels
+    if recipe == "full":
+        out["conv_inputs"] += b * shape.channels * h * h * a  # the pixels (the stem's weight gradient)
     h = conv(shape.channels, shape.embedding, 7, h, 2)
-    out["relu"] += b * shape.embedding * h * h * a
+    relu(b * shape.embedding * h * h)
     h = _conv_out(h, 3, 2)  # max-pool 3x3, stride 2, padding 1
-    out["pool"] += b * shape.embedding * h * h * 8
-    out["conv_inputs"] += b * shape.embedding * h * h * a  # the first block's input is the pool's output
+    pooled = b * shape.embedding * h * h
+    out["pool"] += -(-pooled // 2) if lean else pooled * 8
+    if not lean:
+        out["conv_inputs"] += pooled * a  # the first block's input is the pool's output
     cin = shape.embedding
     for s, (c, depth) in enumerate(zip(shape.hidden_sizes, shape.depths)):
         for j in range(depth):
@@ -498,16 +520,17 @@ def resnet_walk(shape: ResNetShape, batch: int, a: int) -> dict[str, int]:
             m = c // 4
             s1, s2 = (stride, 1) if shape.downsample_in_bottleneck else (1, stride)
             h1 = conv(cin, m, 1, h, s1)
-            out["relu"] += b * m * h1 * h1 * a
+            relu(b * m * h1 * h1)
             h2 = conv(m, m, 3, h1, s2)
-            out["relu"] += b * m * h2 * h2 * a
+            relu(b * m * h2 * h2)
             conv(m, c, 1, h2, 1)
             if cin != c or stride != 1:
                 conv(cin, c, 1, h, stride)  # the projection shortcut
-            out["relu"] += b * c * h2 * h2 * a
+            relu(b * c * h2 * h2)
             cin, h = c, h2
     out["head"] += b * cin * a + b * shape.labels * 4 + b * 8 + 4  # pooled input, log-probs, labels, total_weight
     out["params"] += cin * shape.labels + shape.labels
+    out["trainable"] += cin * shape.labels + shape.labels
     out["flops"] += 2 * b * cin * shape.labels
     return out
 
@@ -515,18 +538,15 @@ def resnet_walk(shape: ResNetShape, batch: int, a: int) -> dict[str, int]:
 def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "Plan":
     a = DTYPE_BYTES[job.dtype]
     if isinstance(shape, ResNetShape):
-        if job.recipe != "full":
-            raise EdgetuneError(f"ResNet is planned for full fine-tuning (recipe 'full'), not {job.recipe!r}: "
-                                "edgetune has no LoRA for convolutions")
-        if job.act_bits != 16:
-            raise EdgetuneError("the planner has ResNet at act-bits 16 only: BatchNorm/ReLU compression is not "
-                                "in its formula yet")
-        walk = resnet_walk(shape, batch, a)
+        walk = resnet_walk(shape, batch, a, job.recipe, job.act_bits)
         acts = {k: walk[k] for k in ("conv_inputs", "batchnorm", "relu", "pool", "head")}
-        uncompressed = sum(acts.values())
-        frozen, trainable = walk["buffers"], walk["params"] * a
+        plain = resnet_walk(shape, batch, a, job.recipe, 16)
+        uncompressed = sum(plain[k] for k in acts)
+        frozen = walk["buffers"] + (walk["params"] - walk["trainable"]) * a
+        trainable = walk["trainable"] * a
         workspace = {"backward_workspace": 2 * walk["largest"]}  # one layer's grad_input and grad_output
-        flops = 3 * walk["flops"]  # forward, input gradients, weight gradients
+        # forward and input gradients, plus weight gradients when the convolutions train
+        flops = (3 if job.recipe == "full" else 2) * walk["flops"]
     else:
         if job.recipe not in ("lora", "qlora"):
             raise EdgetuneError(f"the planner has ViT formulas for recipes lora and qlora, not {job.recipe!r}")

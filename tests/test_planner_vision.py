@@ -62,16 +62,34 @@ def test_vit_saved_bytes_match_autograd(targets, act_bits):
         assert shape.params == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def _norm_tuning(model):
+    """Frozen convolutions; BatchNorm affine parameters and the classifier train (tests/s2a/test_vision_resnet.py)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.Linear)):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("recipe,act_bits", [("full", 16), ("norm", 16), ("norm", 8), ("norm", 4)])
 @pytest.mark.parametrize("kw,image,batch", [
     ({}, 64, 2),
     ({"downsample_in_bottleneck": True, "downsample_in_first_stage": True}, 45, 3),  # odd sizes round up
 ])
-def test_resnet_full_finetune_saved_bytes_match_autograd(kw, image, batch):
+def test_resnet_saved_bytes_match_autograd(kw, image, batch, recipe, act_bits):
     from transformers import ResNetConfig, ResNetForImageClassification
+
+    from edgetune.s2a.functions import Compression
+    from edgetune.s2a.rewriter import rewrite
 
     torch.manual_seed(0)
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64], depths=[2, 1, 2], num_labels=7, **kw)
     model = ResNetForImageClassification(cfg)
+    if recipe == "norm":
+        _norm_tuning(model)
+    rewrite(model, Compression(act_bits))
     model.train()
     pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(1))
     with SavedTensorCounter(model) as counter:
@@ -79,10 +97,11 @@ def test_resnet_full_finetune_saved_bytes_match_autograd(kw, image, batch):
         loss = nn.functional.cross_entropy(logits, torch.arange(batch) % 7)
     loss.backward()
     shape = ResNetShape.from_config({**cfg.to_dict(), "image_size": image})
-    walk = resnet_walk(shape, batch, 4)
+    walk = resnet_walk(shape, batch, 4, recipe, act_bits)
     predicted = sum(walk[k] for k in ("conv_inputs", "batchnorm", "relu", "pool", "head"))
     assert predicted == counter.bytes
     assert walk["params"] == sum(p.numel() for p in model.parameters())
+    assert walk["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert walk["buffers"] == sum(b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -100,7 +119,13 @@ def test_shipped_vision_configs_plan_at_once():
     assert isinstance(resnet, ResNetShape) and resnet.params == 25_557_032  # torchvision's resnet50, 1000 classes
     plan = choose(resnet, JobSpec("full", dtype="bfloat16", act_bits=16), nano)
     assert plan.fits and plan.batch > 1 and plan.components["trainable"] == 2 * 25_557_032
-    with pytest.raises(EdgetuneError, match="full fine-tuning"):
+    norm = choose(resnet, JobSpec("norm", dtype="bfloat16", act_bits=4), nano)
+    assert norm.fits and norm.batch > plan.batch
+    full32 = choose(resnet, JobSpec("full", dtype="bfloat16", act_bits=16), nano, 32)
+    norm32 = choose(resnet, JobSpec("norm", dtype="bfloat16", act_bits=4), nano, 32)
+    # frozen convolutions keep nothing, ReLU 1 bit, BN 8 bits
+    assert norm32.components["activations"] < full32.components["activations"] / 4
+    with pytest.raises(EdgetuneError, match="no LoRA for convolutions"):
         choose(resnet, JobSpec("lora", act_bits=16), nano)
     with pytest.raises(EdgetuneError, match="act-bits 16 only"):
         choose(resnet, JobSpec("full", act_bits=4), nano)
