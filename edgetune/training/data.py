@@ -374,6 +374,9 @@ def build_dataset(path: str | os.PathLike, tokenizer, seq_len: int, pack: bool =
                   max_records: int | None = None) -> TokenDataset:
     """Read ``path`` and turn it into fixed-length rows of ``seq_len`` tokens.
 
+    For an image model ``tokenizer`` is its :class:`~edgetune.training.images.ImagePreprocessor`
+    and ``path`` an image folder: that gives an :class:`~edgetune.training.images.ImageDataset`.
+
     ``pack=True``: all records' tokens are concatenated in file order and cut into rows of exactly
     ``seq_len``; the final partial row is dropped unless it is the only row, in which case it is
     right-padded. ``pack=False``: one row per record, truncated to ``seq_len`` and right-padded
@@ -384,6 +387,10 @@ def build_dataset(path: str | os.PathLike, tokenizer, seq_len: int, pack: bool =
     mean loss; ``n_dropped_rows`` counts them. No records, or no label tokens at all, is a
     :class:`DataError` ``"{file}: no training examples"``.
     """
+    from .images import ImagePreprocessor, build_image_dataset
+
+    if isinstance(tokenizer, ImagePreprocessor):  # an image model: ``path`` is a folder per class
+        return build_image_dataset(path, tokenizer)
     if int(seq_len) < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
     seq_len = int(seq_len)

@@ -47,6 +47,7 @@ from ..compiler import trainable_parameters
 from ..errors import ArtifactError, EdgetuneError
 from ..fsutil import DiskFull, atomic_file, disk_full_error, is_disk_full
 from ..manifest import read_manifest, write_manifest
+from ..models.loader import IMAGE_CLASSIFICATION, model_task
 from ..s2a.loss import causal_lm_loss
 from ..tensors import save_tensors
 from .checkpoint import (CKPT_DIR, METRICS_FILE, list_checkpoints, load_latest_checkpoint, optimizer_from_tensors,
@@ -270,9 +271,38 @@ def _is_run_dir(run_dir: Path) -> bool:
             or (run_dir / "manifest.json").is_file())
 
 
+def image_classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the classifier's logits (B, K) against the class index (B,)."""
+    logits = model(pixel_values=batch["pixel_values"]).logits  # (B, K)
+    return nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
+def task_loss(model: nn.Module):
+    """The loss of a model's task (from its config): causal LM, or image classification."""
+    config = getattr(model, "config", None)
+    return image_classification_loss if config is not None and model_task(config) == IMAGE_CLASSIFICATION \
+        else causal_lm_loss
+
+
+def _check_data_for_task(model: nn.Module, dataset) -> None:
+    image_model = task_loss(model) is image_classification_loss
+    image_data = getattr(dataset, "task", None) == IMAGE_CLASSIFICATION
+    if image_model and not image_data:
+        raise EdgetuneError("this is an image classifier: --data must be a directory with one sub-folder of images "
+                            "per class")
+    if image_data and not image_model:
+        raise EdgetuneError(f"{dataset.source or 'the data'} is image data, but this model is a causal LM; "
+                            "give it a .jsonl or .txt file")
+
+
 def train_model(model: nn.Module, dataset, config: TrainConfig, run_dir: Path, *, resume: bool = False,
                 run_info: dict | None = None, progress: bool = True) -> TrainResult:
-    """Train ``model``'s trainable parameters on ``dataset`` (a TokenDataset), writing ``run_dir``."""
+    """Train ``model``'s trainable parameters on ``dataset``, writing ``run_dir``.
+
+    ``dataset`` is a TokenDataset for a causal LM or an ImageDataset for an image classifier; the
+    loss follows from the model's task (:func:`task_loss`). For images ``tokens`` in the metrics
+    counts images.
+    """
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +323,9 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
     params = trainable_parameters(model)
     if not params:
         raise EdgetuneError("the model has no trainable parameters")
+    _check_data_for_task(model, dataset)
+    loss_fn = task_loss(model)
+    unit = "img" if loss_fn is image_classification_loss else "tok"
     device = next(iter(params.values())).device
     total = config.total_steps(len(dataset))
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total // 20)
@@ -376,7 +409,7 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                 lr = lr_at(step, total, config.lr, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = causal_lm_loss(model, batch)
+                loss = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise EdgetuneError(f"loss became {loss.item()} at step {step}; lower --lr")
                 loss.backward()
@@ -388,7 +421,7 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                 done_step, done_data, done_rng = step, batches.state(), rng_state()
                 in_update = False
                 now = time.perf_counter()
-                n_tokens = batch["input_ids"].numel()
+                n_tokens = batch["input_ids"].numel() if "input_ids" in batch else batch["labels"].numel()  # images
                 record = {"step": step, "loss": loss.item(), "lr": lr,
                           "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "tokens": n_tokens,
                           "data": origin, "rss_mib": round(rss_mib(), 1)}
@@ -398,7 +431,7 @@ def _train(model, dataset, config: TrainConfig, run_dir: Path, resume: bool, run
                            tps=f"{record['tokens_per_s']:.0f}", mem=memory_label())
                 if progress and not tty and (step % 10 == 0 or step == total):
                     print(f"step {step}/{total} loss {record['loss']:.4f} "
-                          f"{record['tokens_per_s']:.0f} tok/s {memory_label()}", file=sys.stderr)
+                          f"{record['tokens_per_s']:.0f} {unit}/s {memory_label()}", file=sys.stderr)
                 if step == total:
                     break  # the final outputs follow; an interrupt now just lets them be written
                 if interrupts.signum is not None:
