@@ -157,7 +157,22 @@ def lora_adapters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 
 def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft",  # noqa: A002
                    dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write the trained adapter for a server: a PEFT directory or a llama.cpp GGUF LoRA file."""
+    """Write the trained adapter for a server: a PEFT directory or a llama.cpp GGUF LoRA file.
+
+    An ORT run directory (manifest kind ``ort-run``, from ``train --backend ort``) goes to
+    :func:`edgetune.ort.adapter.export_run`: ``peft`` (the adapter from the ORT checkpoint) or
+    ``onnx`` (an inference model)."""
+    if not isinstance(compiled_or_run, nn.Module):
+        from .manifest import artifact_kind
+
+        if artifact_kind(compiled_or_run) == "ort-run":
+            from .ort.adapter import export_run
+
+            return export_run(compiled_or_run, out, format=format, dtype=dtype, overwrite=overwrite)
+    if format == "onnx":
+        raise EdgetuneError("--format onnx needs an ORT run (from `edgetune train DIR --backend ort`); "
+                            f"{compiled_or_run if not isinstance(compiled_or_run, nn.Module) else 'this model'} "
+                            "is not one")
     if format not in ADAPTER_FORMATS:
         raise EdgetuneError(f"unknown adapter format {format!r}; available: {', '.join(ADAPTER_FORMATS)}")
     if dtype not in ("float32", "float16"):

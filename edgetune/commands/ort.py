@@ -20,13 +20,15 @@ def register(cli) -> None:
                   help="global gradient-norm clip (baked in; 0: off)")
     @click.option("--nf4", type=click.Choice(["op", "graph"]), default="op", show_default=True,
                   help="qlora base: edgetune's NF4MatMul custom op, or decode with standard ONNX ops")
+    @click.option("--act4", type=click.Choice(["auto", "op", "off"]), default="auto", show_default=True,
+                  help="SiLU/GELU as edgetune's 4-bit derivative-coded op (auto: when compiled with --act-bits 4)")
     @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
-    def export_training_cmd(compiled, out, lr, weight_decay, grad_clip, nf4, overwrite):
+    def export_training_cmd(compiled, out, lr, weight_decay, grad_clip, nf4, act4, overwrite):
         """Export a COMPILED artifact as ONNX Runtime Training artifacts."""
         from ..ort.export import export_training
 
         result = export_training(compiled, out, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, nf4=nf4,
-                                 overwrite=overwrite)
+                                 act4=act4, overwrite=overwrite)
         s = result.sizes
         click.echo(f"exported {len(result.trainable)} trainable and {len(result.frozen)} frozen tensors to {out}: "
                    f"checkpoint {s['checkpoint'] / 2**20:.2f} MiB + graphs {s['graphs'] / 2**20:.2f} MiB = "

@@ -36,7 +36,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     import torch
 
     if format not in FORMATS:
-        raise EdgetuneError(f"unknown format {format!r}; available: {', '.join(FORMATS)}")
+        raise EdgetuneError(f"an ORT run exports --format {' or '.join(FORMATS)}, not {format!r}")
     if dtype not in ("float32", "float16"):
         raise EdgetuneError(f"--dtype must be float32 or float16, got {dtype!r}")
     check_output_path(out, overwrite)

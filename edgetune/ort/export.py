@@ -54,6 +54,7 @@ GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 CHECKPOINT_FILE = "checkpoint"
 NF4_MODES = ("op", "graph")
 ACT4_MODES = ("auto", "op", "off")
+RECIPES = ("lora", "qlora", "s2a", "sketchtune")
 IGNORE_INDEX = -100
 
 
@@ -102,6 +103,88 @@ class _ExportNF4(nn.Module):
         else:
             y = torch.matmul(x, self._dense().t())
         return y + self.bias if getattr(self, "bias", None) is not None else y
+
+
+class _ExportSketch(nn.Module):
+    """Stands in for a SketchLinear during export: ``W = table.flat[index(codes)]`` decoded in-graph.
+
+    The packed codes stay the frozen uint8 buffer ``codes`` (same name, so the checkpoint holds
+    them bit-packed); the table stays the trainable ``table``. Decoding uses standard ONNX ops
+    only (Cast/Concat/Gather/Mul/Add/Div/Mod on int32, then one Gather of the flattened table),
+    so ORT's own Gather gradient is the table gradient (a scatter-add of dW into the buckets,
+    which is what SketchTune's backward computes) and no library is needed. The dense weight
+    exists transiently and, as with ``--nf4 graph``, ORT keeps it (and the int64 index) until
+    backward. The bit stream is :mod:`edgetune.quant.bitpack`'s: code c occupies bits
+    [bits·c, bits·c + bits) of its row, least significant first, so it is read from the 16 bits
+    of bytes b0 = bits·c // 8 and b0 + 1 (a zero byte is appended to every row for the last one).
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        from ..quant.sketch import group_index
+
+        self.in_features, self.out_features, self.bits = layer.in_features, layer.out_features, layer.bits
+        k = 1 << layer.bits
+        self.register_buffer("codes", layer.codes)  # (out, ceil(in*bits/8)) uint8
+        self.table = layer.table  # (out, GPR, K) trainable
+        if layer.bias is not None:
+            self.register_buffer("bias", layer.bias)
+        else:
+            self.bias = None
+        bit = torch.arange(layer.in_features) * layer.bits  # (in,)
+        self.register_buffer("byte0", bit // 8, persistent=False)
+        self.register_buffer("byte1", bit // 8 + 1, persistent=False)
+        self.register_buffer("divisor", (2 ** (bit % 8)).to(torch.int32), persistent=False)
+        self.register_buffer("col_offset", group_index(layer.in_features, layer.groups_per_row) * k, persistent=False)
+        self.register_buffer("row_offset", (torch.arange(layer.out_features) * layer.groups_per_row * k).unsqueeze(1),
+                             persistent=False)  # (out, 1)
+
+    def _index(self) -> torch.Tensor:  # (out, in) int64 flat indices into the table
+        codes = self.codes.to(torch.int32)  # ORT's CPU Div/Mod have no uint8 kernels
+        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)  # (out, nbytes + 1)
+        word = codes.index_select(1, self.byte0) + codes.index_select(1, self.byte1) * 256  # (out, in)
+        code = torch.remainder(torch.div(word, self.divisor, rounding_mode="floor"), 1 << self.bits)
+        return code.long() + self.col_offset + self.row_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        index = self._index()
+        w = torch.index_select(self.table.reshape(-1), 0, index.reshape(-1)).reshape(index.shape)  # (out, in)
+        y = torch.matmul(x, w.to(x.dtype).t())
+        return y + self.bias if self.bias is not None else y
+
+
+class _ExportPrompt(nn.Module):
+    """Stands in for S2A's LowRankPrompt during export (same ``A``/``B`` parameters): adds A·B to
+    the first L positions for any sequence length. The torch module slices with a Python
+    ``min(L, T)``, which tracing would freeze at the example's T; here the (L, d) prompt is
+    concatenated with T zero rows and cut to T rows, all with dynamic shapes."""
+
+    def __init__(self, prompt):
+        super().__init__()
+        self.A, self.B = prompt.A, prompt.B  # (L, r), (r, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        prompt = (self.A @ self.B).to(h.dtype)  # (L, d)
+        rows = torch.cat([prompt, torch.zeros_like(h[0])], dim=0)  # (L + T, d)
+        return h + rows[: h.shape[1]]
+
+
+def _swap_recipe_modules(model: nn.Module) -> dict:
+    """SketchTune's and S2A's modules -> their export stand-ins; returns counts."""
+    from ..methods.sketchtune.layer import SketchLinear
+    from ..models.arch import get_submodule_parent
+
+    counts = {"sketch": 0, "prompt": 0}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SketchLinear):
+            parent, leaf = get_submodule_parent(model, name)
+            setattr(parent, leaf, _ExportSketch(module))
+            counts["sketch"] += 1
+        elif type(module).__name__ == "LowRankPrompt":
+            parent, leaf = get_submodule_parent(model, name)
+            setattr(parent, leaf, _ExportPrompt(module))
+            counts["prompt"] += 1
+    return counts
 
 
 class _ExportAct4(nn.Module):
@@ -265,7 +348,6 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
     ort.set_default_logger_severity(3)
     from onnxruntime.training import artifacts, onnxblock
 
-    from ..methods.lora.layer import LoraLinear
 
     if nf4 not in NF4_MODES:
         raise EdgetuneError(f"--nf4 must be one of {', '.join(NF4_MODES)}, got {nf4!r}")
@@ -277,8 +359,10 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
     check_output_path(out, overwrite)
     model, tokenizer, manifest, cfg = load_plain(compiled_dir)
     recipe = manifest["recipe"]
-    if not any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise EdgetuneError(f"recipe {recipe!r} is not supported by the ORT export yet (lora and qlora are)")
+    if recipe not in RECIPES:
+        raise EdgetuneError(f"recipe {recipe!r} is not supported by the ORT export (supported: {', '.join(RECIPES)})")
+    if getattr(cfg, "side", False):
+        raise EdgetuneError("the ORT export does not handle S2A's side branch yet; compile with --no-side")
     if getattr(cfg, "dropout", 0.0):
         raise EdgetuneError(f"the ORT export needs --dropout 0 (this artifact has {cfg.dropout}): "
                             "a dropout mask would be baked into the graph")
@@ -288,9 +372,11 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
     state_names = set(model.state_dict()) | {n for n, _ in model.named_parameters()}
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     fp32_bytes += sum(getattr(m, "out_features", 0) * getattr(m, "in_features", 0) * 4
-                      for m in model.modules() if type(m).__name__ == "NF4Linear")
+                      for m in model.modules() if type(m).__name__ in ("NF4Linear", "SketchLinear"))
+    fp32_bytes -= sum(m.table.numel() * 4 for m in model.modules() if type(m).__name__ == "SketchLinear")
 
     n_nf4 = _swap_nf4(model, nf4)
+    recipe_modules = _swap_recipe_modules(model)
     act_bits = int((manifest.get("s2a") or {}).get("act_bits", 16))
     act4_ops = _swap_act4(model) if act4 == "op" or (act4 == "auto" and act_bits == 4) else []
     library = None
@@ -302,7 +388,8 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
     model.config._attn_implementation = "eager"
     model.train()  # training-mode export: initializers are merged by storage only (see the docstring)
     wrapper = _Logits(model)
-    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    prompt_len = int(getattr(cfg, "prompt_len", 0) or 0)
+    ids = torch.randint(0, model.config.vocab_size, (2, max(8, prompt_len + 2)))
     mask = torch.ones_like(ids)
 
     out = Path(out)
@@ -348,6 +435,8 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
             "vocab_size": model.config.vocab_size,
             "opset": OPSET,
             "nf4": nf4 if n_nf4 else None,
+            # sketchtune: codes stay bit-packed uint8 in the checkpoint and are decoded in-graph
+            "sketch": {"layers": recipe_modules["sketch"], "decode": "graph"} if recipe_modules["sketch"] else None,
             "custom_op_library": ({"sources_sha256": _sources_sha(), "ops": _ops_used(graph)}
                                   if library else None),
             # the S2A nonlinearities exported as Act4 ops (4-bit derivative codes saved for backward)

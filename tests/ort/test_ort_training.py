@@ -233,6 +233,17 @@ def test_cli_round_trip_to_peft_and_onnx(exported, tmp_path, capsys):
     assert {"metrics.jsonl", "loss.png", "trainable.safetensors", "manifest.json"} <= {p.name for p in run.iterdir()}
     assert main(["ort-export", str(run), "--out", str(tmp_path / "peft")]) == 0
     assert main(["ort-export", str(run), "--format", "onnx", "--out", str(tmp_path / "model.onnx")]) == 0
+    # `edgetune export` dispatches on the run's manifest kind and writes the same files
+    assert main(["export", str(run), "--out", str(tmp_path / "peft2")]) == 0
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "model2.onnx")]) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "peft" / name).read_bytes() == (tmp_path / "peft2" / name).read_bytes()
+    assert (tmp_path / "model.onnx").read_bytes() == (tmp_path / "model2.onnx").read_bytes()
+    capsys.readouterr()
+    code = main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "a.gguf")])
+    _one_line_error(code, capsys.readouterr().err, "peft or onnx")
+    code = main(["export", str(exported["qlora"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    _one_line_error(code, capsys.readouterr().err, "needs an ORT run")
     # the PEFT adapter on the torch model gives the logits of ORT's inference model
     model, _ = edgetune.open_model(exported["qlora"], adapter=tmp_path / "peft")
     import onnxruntime as ort

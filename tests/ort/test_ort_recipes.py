@@ -1,0 +1,123 @@
+"""ORT export + training of the s2a and sketchtune recipes on tiny Llamas, against torch autograd."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime.training.api")
+pytest.importorskip("onnx")
+
+import edgetune  # noqa: E402
+from edgetune.ort.export import export_training, load_plain  # noqa: E402
+from edgetune.ort.train import adapter_arrays, open_session  # noqa: E402
+from edgetune.tensors import load_tensors  # noqa: E402
+from edgetune.training.data import BatchIterator, build_dataset  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "edgetune" / "data" / "instructions.jsonl"
+LR, STEPS, BATCH, SEQ = 3e-3, 3, 2, 32
+OPTIONS = {"sketchtune": dict(calib_samples=32, calib_seq_len=16), "s2a": dict(prompt_len=4)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_hf_dir):
+    root = tmp_path_factory.mktemp("ort-recipes")
+    out = {}
+    for recipe, opts in OPTIONS.items():
+        model, tok = edgetune.load(tiny_hf_dir)
+        compiled = edgetune.compile(model, recipe=recipe, **opts)
+        if recipe == "s2a":  # delta biases and the prompt's A start at zero: give them values
+            with torch.no_grad():
+                for name, p in compiled.named_parameters():
+                    if p.requires_grad:
+                        p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        edgetune.save(compiled, root / recipe, tok)
+        out[recipe] = root / recipe
+        # act4 off: exact gradients, compared with plain torch autograd (act4 has its own tests)
+        out[recipe, "ort"] = export_training(root / recipe, root / f"{recipe}.ort", act4="off").out
+    return out
+
+
+def _batches(compiled_dir, n, seq=SEQ):
+    _, tok = edgetune.load_compiled(compiled_dir)
+    it = BatchIterator(build_dataset(DATA, tok, seq), BATCH, seed=0)
+    return [next(it) for _ in range(n)]
+
+
+def _torch_steps(compiled_dir, batches):
+    model, _, _, _ = load_plain(compiled_dir)
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=LR, eps=1e-8, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in params.items()}
+
+
+def _ort_steps(ort_dir, batches):
+    sess = open_session(ort_dir)
+    sess.module.train()
+    sess.optimizer.set_learning_rate(LR)
+    losses = []
+    for b in batches:
+        loss = sess.module(b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy())
+        sess.optimizer.step()
+        sess.module.lazy_reset_grad()
+        losses.append(float(np.asarray(loss).reshape(-1)[0]))
+    return losses, {k: torch.from_numpy(np.array(v)) for k, v in adapter_arrays(sess.state, sess.manifest).items()}
+
+
+@pytest.mark.parametrize("recipe", sorted(OPTIONS))
+def test_recipe_trains_like_torch_and_only_its_parameters_train(exported, recipe):
+    batches = _batches(exported[recipe], STEPS)
+    ref_losses, ref_params = _torch_steps(exported[recipe], batches)
+    losses, params = _ort_steps(exported[recipe, "ort"], batches)
+    assert abs(losses[0] - ref_losses[0]) <= 1e-4 * ref_losses[0]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    trainable = load_tensors(exported[recipe] / "trainable.safetensors")
+    assert set(params) == set(ref_params) == set(trainable)  # exactly the recipe's trainable tensors
+    if recipe == "sketchtune":
+        assert all(n.endswith(".table") for n in params)
+    else:
+        assert all(n.endswith((".delta_bias", ".s2a_prompt.A", ".s2a_prompt.B")) for n in params)
+        assert any(n.endswith(".s2a_prompt.A") for n in params) and any(n.endswith(".delta_bias") for n in params)
+    moved = max((ref_params[n] - trainable[n]).abs().max().item() for n in ref_params)
+    assert moved > 1e-3
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-3, atol=5e-5, msg=name)
+
+
+def test_sketch_codes_stay_packed_in_the_checkpoint(exported):
+    manifest = json.loads((exported["sketchtune", "ort"] / "manifest.json").read_text())
+    assert manifest["sketch"] == {"layers": 14, "decode": "graph"}
+    base = load_tensors(exported["sketchtune"] / "base.safetensors")
+    sess = open_session(exported["sketchtune", "ort"])
+    codes = [n for n in manifest["frozen"] if n.endswith(".codes")]
+    assert len(codes) == 14
+    for name in codes:
+        data = sess.state.parameters[name].data
+        assert data.dtype == np.uint8
+        np.testing.assert_array_equal(data, base[name].numpy())  # bit-packed, as torch stores them
+    assert not any(n.endswith(".table_init") for n in manifest["frozen"])
+
+
+def test_s2a_prompt_works_for_sequences_shorter_than_the_prompt(exported):
+    """The prompt covers 4 positions; a 3-token sequence must see only 3 of them (eval = torch)."""
+    sess = open_session(exported["s2a", "ort"])
+    sess.module.eval()
+    model, _, _, _ = load_plain(exported["s2a"])
+    for t in (3, 4, 11):
+        ids = np.random.default_rng(t).integers(0, 300, (2, t)).astype(np.int64)
+        loss = float(np.asarray(sess.module(ids, np.ones_like(ids), ids)).reshape(-1)[0])
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.item()
+        assert abs(loss - ref) <= 1e-5 * ref, (t, loss, ref)
