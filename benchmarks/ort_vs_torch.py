@@ -2,12 +2,16 @@
 
     flock /tmp/edgetune-heavy.lock env OMP_NUM_THREADS=2 python benchmarks/ort_vs_torch.py --steps 50
 
-Stages (each timed step and each memory probe runs in a fresh process, so peak RSS is its own):
-  1. compile default --recipe qlora (cached in --work), export-training (--nf4 op)
-  2. first-step loss of both backends on the same batch and initial adapter
-  3. N steps of each on edgetune/data/instructions.jsonl: loss after N steps, median step time
-  4. peak RSS (VmHWM) of a process that loads a backend and runs 2 steps
-  5. the ORT adapter exported as PEFT loads with PeftModel.from_pretrained; held-out loss before/after
+Stages (each backend runs in a fresh process, so its peak RSS is its own):
+  1. compile default --recipe qlora (cached in --work; compile's default --act-bits 4), export-training
+     (--nf4 op, --act4 auto: NF4MatMul and Act4SiLU custom ops)
+  2. torch: the compiled model as `edgetune train` runs it (S2A rewrite), N AdamW steps on
+     edgetune/data/instructions.jsonl: losses, step times, VmHWM after loading and at the end
+  3. ORT: `train_ort` (what `edgetune train DIR --backend ort` runs) for the same N steps, batches and
+     learning-rate schedule in a child process: losses and per-step wall time from its metrics.jsonl,
+     VmHWM after the session opened and at the end
+  4. round trip: the ORT run exported as PEFT (`export_run`) loads with PeftModel.from_pretrained on
+     the fp32 default model; held-out loss before/after on instructions_heldout.jsonl
 Prints a table; asserts nothing (timings on a shared machine are noisy).
 """
 from __future__ import annotations
@@ -72,20 +76,23 @@ def child(args) -> None:
             times.append(time.perf_counter() - t)
             losses.append(loss.item())
     else:
-        from edgetune.ort.train import open_session
+        import edgetune.ort.train as ort_train
 
-        sess = open_session(work / "ort")
-        sess.module.train()
-        base_rss = _vmhwm_mib()
-        for step in range(1, args.steps + 1):
-            b = next(it)
-            sess.optimizer.set_learning_rate(lr_at(step, args.steps, args.lr, max(1, args.steps // 20)))
-            t = time.perf_counter()
-            loss = sess.module(b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy())
-            sess.optimizer.step()
-            sess.module.lazy_reset_grad()
-            times.append(time.perf_counter() - t)
-            losses.append(float(np.asarray(loss).reshape(-1)[0]))
+        opened = {}
+        real_open = ort_train.open_session
+
+        def open_and_measure(*a, **k):  # VmHWM once the session (graphs + checkpoint) is loaded
+            sess = real_open(*a, **k)
+            opened["rss"] = _vmhwm_mib()
+            return sess
+
+        ort_train.open_session = open_and_measure
+        result = ort_train.train_ort(work / "ort", DATA, work / "ort-run", overwrite=True, steps=args.steps,
+                                     batch=args.batch, seq_len=args.seq_len, lr=args.lr, progress=False,
+                                     save_every=0, save_interval_s=0)
+        base_rss = opened["rss"]
+        losses = [m["loss"] for m in result.metrics]
+        times = [m["tokens"] / m["tokens_per_s"] for m in result.metrics]
     print("RESULT " + json.dumps({"losses": losses, "times": times, "peak_rss_mib": _vmhwm_mib(),
                                   "loaded_rss_mib": base_rss}))
 
@@ -135,17 +142,13 @@ def main() -> None:
 
     torch_run = stage("torch steps", _run_child, "torch", args.steps, args)
     ort_run = stage("ort steps", _run_child, "ort", args.steps, args)
-    torch_mem = stage("torch memory", _run_child, "torch", 2, args)
-    ort_mem = stage("ort memory", _run_child, "ort", 2, args)
+    torch_mem, ort_mem = torch_run, ort_run
 
-    # round trip: train on ORT through the API (writes a run), export PEFT, load it with PEFT
+    # round trip: the ORT child's run, exported as PEFT, loaded with PEFT
     from edgetune.ort.adapter import export_run
-    from edgetune.ort.train import train_ort
 
     run = work / "ort-run"
     t_rt = time.time()
-    train_ort(work / "ort", DATA, run, overwrite=True, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
-              lr=args.lr, progress=False, save_every=0)
     export_run(run, work / "peft", overwrite=True)
     import torch
     from peft import PeftModel
@@ -179,15 +182,19 @@ def main() -> None:
         (f"mean loss of last 10 steps", f"{sum(tl[-10:]) / len(tl[-10:]):.4f}", f"{sum(ol[-10:]) / len(ol[-10:]):.4f}", ""),
         ("median step time (s)", f"{med(torch_run['times']):.2f}", f"{med(ort_run['times']):.2f}",
          f"ORT/torch {med(ort_run['times']) / med(torch_run['times']):.2f}x"),
-        ("peak RSS, load + 2 steps (MiB)", f"{torch_mem['peak_rss_mib']:.0f}", f"{ort_mem['peak_rss_mib']:.0f}",
+        (f"peak RSS (VmHWM), load + {args.steps} steps (MiB)", f"{torch_mem['peak_rss_mib']:.0f}",
+         f"{ort_mem['peak_rss_mib']:.0f}",
          f"ORT/torch {ort_mem['peak_rss_mib'] / torch_mem['peak_rss_mib']:.2f}x (target <= 1)"),
-        ("RSS after load, before steps (MiB)", f"{torch_mem['loaded_rss_mib']:.0f}", f"{ort_mem['loaded_rss_mib']:.0f}", ""),
+        ("VmHWM after load, before steps (MiB)", f"{torch_mem['loaded_rss_mib']:.0f}",
+         f"{ort_mem['loaded_rss_mib']:.0f}", ""),
+        ("peak - loaded: what the steps add (MiB)", f"{torch_mem['peak_rss_mib'] - torch_mem['loaded_rss_mib']:.0f}",
+         f"{ort_mem['peak_rss_mib'] - ort_mem['loaded_rss_mib']:.0f}", ""),
         ("ORT checkpoint + graphs vs fp32", "", f"{sizes['total'] / 2**20:.1f} MiB",
          f"{sizes['ratio_vs_fp32']:.2f}x of {sizes['fp32_model'] / 2**20:.1f} MiB fp32"),
         ("held-out loss: base -> ORT adapter via PeftModel", f"{before:.4f}", f"{after:.4f}",
          "lowered" if after < before else "NOT lowered"),
     ]
-    print(f"\nORT vs torch, default model, qlora, batch {args.batch} x seq {args.seq_len}, lr {args.lr}, "
+    print(f"\nORT vs torch, default model, qlora (act-bits 4; ORT: NF4MatMul + Act4SiLU), batch {args.batch} x seq {args.seq_len}, lr {args.lr}, "
           f"{args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}\n")
     print(f"| {'metric':<48} | {'torch':>10} | {'ORT':>12} | note |")
     print(f"|{'-' * 50}|{'-' * 12}|{'-' * 14}|------|")
