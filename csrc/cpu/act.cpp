@@ -1,5 +1,8 @@
 // act4 (fused forward + 4-bit derivative-code packing), nibble and 1-bit (un)packing.
 #include "common.h"
+#include "simd.h"
+
+#include <type_traits>
 
 namespace edgetune_cpu {
 
@@ -18,6 +21,21 @@ static at::Tensor act_value(const at::Tensor& x, int64_t op) {
   return at::gelu(x, op == kGelu ? "none" : "tanh");
 }
 
+// Nibble codes of x[0, n) (n even unless it is the tensor's end) into dst[0, ceil(n/2)).
+static void codes_portable_or_simd(const float* x, int64_t n, const float* b, int nb, uint8_t* dst, bool simd) {
+#if ET_HAVE_AVX2_PATH
+  if (simd) return act4_codes_avx2(x, n, b, nb, dst);
+#endif
+  (void)simd;
+  for (int64_t i = 0; i < n; i += 2) {
+    int c0 = 0, c1 = 0;
+    for (int k = 0; k < nb; ++k) c0 += !(b[k] >= x[i]);  // NaN counts every border, as torch.bucketize
+    if (i + 1 < n)
+      for (int k = 0; k < nb; ++k) c1 += !(b[k] >= x[i + 1]);
+    dst[i / 2] = static_cast<uint8_t>(c0 | (c1 << 4));
+  }
+}
+
 // y = f(x) and nibble-packed codes bucketize(x, borders) (element 2i in the low nibble).
 // f(x) uses ATen's vectorised kernel (SLEEF); the codes are one branch-free pass over x.
 std::tuple<at::Tensor, at::Tensor> act4_forward(const at::Tensor& x_, const at::Tensor& borders_, int64_t op) {
@@ -31,23 +49,28 @@ std::tuple<at::Tensor, at::Tensor> act4_forward(const at::Tensor& x_, const at::
   auto y = act_value(x, op);
   auto packed = at::empty({(n + 1) / 2}, x.options().dtype(at::kByte));
   float b[15];
-  for (int i = 0; i < 15; ++i) b[i] = i < nb ? borders.data_ptr<float>()[i] : INFINITY;  // +inf borders count 0
+  for (int i = 0; i < nb; ++i) b[i] = borders.data_ptr<float>()[i];
   uint8_t* pp = packed.data_ptr<uint8_t>();
+  const bool simd = has_avx2();
+  // parallel over output bytes; each chunk covers elements [2 p0, min(2 p1, n)), in blocks of
+  // kBlock converted to float32 first when x is not float32 (x.float() of the reference)
+  constexpr int64_t kBlock = 1024;
   ET_DISPATCH_FLOATS(x.scalar_type(), "act4_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, (n + 1) / 2, kGrain / 2, [&](int64_t p0, int64_t p1) {
-      const int64_t full_end = std::min(p1, n / 2);
-      for (int64_t i = p0; i < full_end; ++i) {
-        const float v0 = static_cast<float>(xp[2 * i]);
-        const float v1 = static_cast<float>(xp[2 * i + 1]);
-        int c0 = 0, c1 = 0;
-        for (int k = 0; k < 15; ++k) {
-          c0 += b[k] < v0;
-          c1 += b[k] < v1;
+      const int64_t e_end = std::min(2 * p1, n);
+      float buf[kBlock];
+      for (int64_t e = 2 * p0; e < e_end; e += kBlock) {
+        const int64_t m = std::min(kBlock, e_end - e);
+        const float* src;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          src = reinterpret_cast<const float*>(xp) + e;
+        } else {
+          for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(xp[e + j]);
+          src = buf;
         }
-        pp[i] = static_cast<uint8_t>(c0 | (c1 << 4));
+        codes_portable_or_simd(src, m, b, nb, pp + e / 2, simd);
       }
-      if (p1 > full_end && (n & 1)) pp[n / 2] = bucket_fixed<15>(static_cast<float>(xp[n - 1]), b);
     });
   });
   return {y, packed};
@@ -70,7 +93,17 @@ at::Tensor act4_backward(const at::Tensor& grad_, const at::Tensor& packed_, con
     for (int64_t k = 0; k < lv_t.numel(); ++k) lv[k] = lv_t.data_ptr<float>()[k];
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t e0, int64_t e1) {
+    const bool simd = has_avx2();
+    // chunks start at even elements so each begins on a byte boundary
+    at::parallel_for(0, (n + 1) / 2, kGrain / 2, [&](int64_t p0, int64_t p1) {
+      const int64_t e0 = 2 * p0, e1 = std::min(2 * p1, n);
+#if ET_HAVE_AVX2_PATH
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (simd) return act4_backward_avx2(reinterpret_cast<const float*>(gp) + e0, pp + p0, lv, e1 - e0,
+                                            reinterpret_cast<float*>(op) + e0);
+      }
+#endif
+      (void)simd;
       for (int64_t e = e0; e < e1; ++e) {
         const uint8_t byte = pp[e >> 1];
         const uint8_t c = (e & 1) ? (byte >> 4) : (byte & 0x0F);

@@ -17,16 +17,16 @@ constexpr int64_t kGrain = 4096;  // elements per parallel_for chunk
 #define ET_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// code = #{borders < v}: torch.bucketize(v, borders, right=False) for ascending borders.
+// code = #{borders : !(border >= v)}: torch.bucketize(v, borders, right=False) for ascending borders (NaN -> nb).
 template <int NB>
 static inline uint8_t bucket_fixed(float v, const float* b) {
   int c = 0;
-  for (int i = 0; i < NB; ++i) c += (b[i] < v) ? 1 : 0;
+  for (int i = 0; i < NB; ++i) c += (b[i] >= v) ? 0 : 1;
   return static_cast<uint8_t>(c);
 }
 static inline uint8_t bucket(float v, const float* b, int nb) {
   int c = 0;
-  for (int i = 0; i < nb; ++i) c += (b[i] < v) ? 1 : 0;
+  for (int i = 0; i < nb; ++i) c += (b[i] >= v) ? 0 : 1;
   return static_cast<uint8_t>(c);
 }
 

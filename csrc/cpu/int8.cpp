@@ -3,6 +3,10 @@
 // -ffp-contract=off so no FMA changes a rounding), round-half-to-even via nearbyint, the last
 // group zero-padded (the padding takes part in min/max, as in the reference).
 #include "common.h"
+#include "simd.h"
+
+#include <type_traits>
+#include <vector>
 
 namespace edgetune_cpu {
 
@@ -28,38 +32,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x
   float* sp = scale.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_int8", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    const bool simd = has_avx2() && group % 8 == 0;
     at::parallel_for(0, G, std::max<int64_t>(1, kGrain / group), [&](int64_t g0, int64_t g1) {
       std::vector<float> buf(group);
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t base = g * group;
         const int64_t m = std::min(group, n - base);
-        for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(xp[base + j]);
-        for (int64_t j = m; j < group; ++j) buf[j] = 0.0f;
-        float mn = buf[0], mx = buf[0];
+        const float* v;
+        if (std::is_same_v<scalar_t, float> && m == group) {
+          v = reinterpret_cast<const float*>(xp + base);  // a full float32 group: read x in place
+        } else {
+          for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(xp[base + j]);
+          for (int64_t j = m; j < group; ++j) buf[j] = 0.0f;  // the zero padding takes part in min/max
+          v = buf.data();
+        }
+        const float* r = np ? np + base : nullptr;
+        uint8_t* out = cp + base;
+#if ET_HAVE_AVX2_PATH
+        if (simd) {
+          quant_group_avx2(v, group, r, out, lp + g, sp + g);
+          continue;
+        }
+#endif
+        float mn = v[0], mx = v[0];
         for (int64_t j = 1; j < group; ++j) {
-          mn = std::min(mn, buf[j]);
-          mx = std::max(mx, buf[j]);
+          mn = std::min(mn, v[j]);
+          mx = std::max(mx, v[j]);
         }
         const float s = (mx - mn) / 255.0f;
         const float inv = s > 0.0f ? 1.0f / s : 0.0f;
         lp[g] = mn;
         sp[g] = s;
-        uint8_t* out = cp + base;
-        if (np) {
-          const float* r = np + base;
+        if (r) {
           for (int64_t j = 0; j < group; ++j) {
             // v + r >= 0, so truncation is floor (and vectorises, unlike std::floor without SSE4.1)
-            float v = static_cast<float>(static_cast<int32_t>((buf[j] - mn) * inv + r[j]));
-            v = std::min(std::max(v, 0.0f), 255.0f);
-            out[j] = static_cast<uint8_t>(v);
+            float q = static_cast<float>(static_cast<int32_t>((v[j] - mn) * inv + r[j]));
+            q = std::min(std::max(q, 0.0f), 255.0f);
+            out[j] = static_cast<uint8_t>(q);
           }
         } else {
           for (int64_t j = 0; j < group; ++j) {
             // round half to even for 0 <= t < 2^22: adding and subtracting 1.5 * 2^23 (default rounding mode)
-            const float t = (buf[j] - mn) * inv;
-            float v = (t + 12582912.0f) - 12582912.0f;
-            v = std::min(std::max(v, 0.0f), 255.0f);
-            out[j] = static_cast<uint8_t>(v);
+            const float t = (v[j] - mn) * inv;
+            float q = (t + 12582912.0f) - 12582912.0f;
+            q = std::min(std::max(q, 0.0f), 255.0f);
+            out[j] = static_cast<uint8_t>(q);
           }
         }
       }

@@ -31,7 +31,7 @@ __device__ __forceinline__ float act(float x, int op) {
 
 __device__ __forceinline__ uint8_t bucket(float v, const float* b, int nb) {
   int c = 0;
-  for (int i = 0; i < nb; ++i) c += (b[i] < v) ? 1 : 0;
+  for (int i = 0; i < nb; ++i) c += (b[i] >= v) ? 0 : 1;  // a NaN counts every border, as torch.bucketize
   return static_cast<uint8_t>(c);
 }
 

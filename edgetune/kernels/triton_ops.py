@@ -30,8 +30,8 @@ def _act4_fwd_kernel(x_ptr, y_ptr, p_ptr, b_ptr, n, NB: tl.constexpr, OP: tl.con
     c1 = tl.zeros([BLOCK], dtype=tl.int32)
     for i in tl.static_range(NB):
         b = tl.load(b_ptr + i)
-        c0 += (b < v0).to(tl.int32)
-        c1 += (b < v1).to(tl.int32)
+        c0 += 1 - (b >= v0).to(tl.int32)  # not (b >= v): a NaN counts every border, as torch.bucketize
+        c1 += 1 - (b >= v1).to(tl.int32)
     if OP == 0:
         f0 = v0 / (1.0 + tl.exp(-v0))
         f1 = v1 / (1.0 + tl.exp(-v1))

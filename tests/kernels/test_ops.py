@@ -221,3 +221,31 @@ def test_opcheck(backend, name, gen):
     with registry.use_backend(backend):
         torch.library.opcheck(ops.ALL_OPS[name], args, test_utils=tests)
     assert registry.last_backend[name] == backend
+
+
+# ------------------------------------------------------------- vector paths and edge values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nb", [15, 7])
+def test_act4_codes_edge_values(backend, nb, gen):
+    """Values equal to a border, ±inf, ±0 and NaN get torch.bucketize's codes; fewer than 15 borders."""
+    borders = torch.sort(torch.randn(nb, generator=gen) * 2).values
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    x = torch.cat([borders, special, torch.randn(1000 - nb, generator=gen) * 3])  # 1005 values, odd
+    x = x[torch.randperm(x.numel(), generator=gen)].to(DEVICE)
+    _, packed = _run(backend, ops.act4_forward, x, borders.to(DEVICE), "silu", poison=(x.numel(),))
+    assert torch.equal(packed, R.act4_forward(x, borders.to(DEVICE), "silu")[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_int8_llm_size(backend, group, gen):
+    """A (2, 37, 1536) float32 activation: the full-group vector path, nearest and stochastic."""
+    x = _rand(gen, 2, 37, 1536, scale=1.0) * torch.linspace(0.01, 10, 1536).to(DEVICE)
+    G = -(-x.numel() // group)
+    noise = torch.rand(G, group, generator=gen).to(DEVICE)
+    for nz in (None, noise):
+        got = _run(backend, ops.quantize_int8, x, group, nz, poison=(G * group, G * 4, G * 4))
+        for a, b in zip(got, R.quantize_int8(x, group, nz)):
+            assert torch.equal(a, b)
