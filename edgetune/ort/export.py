@@ -55,6 +55,7 @@ CHECKPOINT_FILE = "checkpoint"
 NF4_MODES = ("op", "graph")
 ACT4_MODES = ("auto", "op", "off")
 RECIPES = ("lora", "qlora", "s2a", "sketchtune")
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27  # protobuf's 2 GiB limit, less headroom for the graph itself
 IGNORE_INDEX = -100
 
 
@@ -338,12 +339,17 @@ def _dir_bytes(path: Path) -> int:
 
 def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, lr: float = 2e-4,
                     weight_decay: float = 0.0, grad_clip: float = 1.0, nf4: str = "op", act4: str = "auto",
-                    overwrite: bool = False) -> ExportResult:
+                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, overwrite: bool = False) -> ExportResult:
     """Write ORT training artifacts for the compiled artifact at ``compiled_dir`` into ``out``.
 
     ``act4``: ``auto`` exports every SiLU/GELU as edgetune's 4-bit derivative-coded op when the
     artifact was compiled with ``--act-bits 4`` (its manifest's ``s2a`` block), ``op`` always,
-    ``off`` never (plain ONNX ops, exact gradients)."""
+    ``off`` never (plain ONNX ops, exact gradients).
+
+    ``external_data_threshold``: a graph (the torch export handed to ``generate_artifacts``, and
+    each written graph) whose tensors exceed this many bytes is stored with ONNX external data
+    (``<graph>.data`` beside it); default 2 GiB minus headroom, protobuf's limit. The checkpoint
+    is ORT's own flatbuffer; ORT 1.19 writes its ``checkpoint.data`` itself when it needs one."""
     onnx, ort = require_ort()
     ort.set_default_logger_severity(3)
     from onnxruntime.training import artifacts, onnxblock
@@ -394,7 +400,11 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
 
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
-        raw = tmp / ".forward.onnx"
+        # torch writes a > 2 GB model with external data (one file per tensor): keep it all in a
+        # hidden folder that is removed once the graph is in memory
+        raw_dir = tmp / ".forward"
+        raw_dir.mkdir()
+        raw = raw_dir / "forward.onnx"
         with torch.no_grad():
             torch.onnx.export(wrapper, (ids, mask), str(raw), input_names=["input_ids", "attention_mask"],
                               output_names=["logits"], opset_version=OPSET, do_constant_folding=False,
@@ -404,7 +414,7 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
                                             "attention_mask": {0: "batch", 1: "seq"},
                                             "logits": {0: "batch", 1: "seq"}})
         graph = onnx.load(str(raw))
-        raw.unlink()
+        shutil.rmtree(raw_dir)
         _strip_wrapper_prefix(graph)
         init_names = {t.name for t in graph.graph.initializer}
         missing = [n for n in trainable if n not in init_names]
@@ -414,14 +424,23 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
         frozen = sorted(n for n in init_names if n in state_names and n not in trainable)
         optimizer = onnxblock.optim.AdamW(eps=1e-8, weight_decay=weight_decay,
                                           clip_grad=onnxblock.optim.ClipGradNorm(grad_clip) if grad_clip else None)
-        artifacts.generate_artifacts(graph, requires_grad=trainable, frozen_params=frozen,
+        base = graph
+        if _tensor_bytes(graph) > external_data_threshold:
+            # generate_artifacts refuses a ModelProto over 2 GB: give it a path with external data
+            base_dir = tmp / ".base"
+            base_dir.mkdir()
+            base = str(base_dir / "base.onnx")
+            _save_external(onnx, graph, Path(base), "base.onnx.data")
+        artifacts.generate_artifacts(base, requires_grad=trainable, frozen_params=frozen,
                                      loss=_causal_lm_loss(model.config.vocab_size), optimizer=optimizer,
                                      artifact_directory=str(tmp), custom_op_library=str(library) if library else None)
+        shutil.rmtree(tmp / ".base", ignore_errors=True)
         _torch_adamw(onnx, tmp / "optimizer_model.onnx")
+        external = _externalize(onnx, tmp, external_data_threshold)
         shutil.copyfile(compiled_dir / "config.json", tmp / "config.json")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        sizes = {"checkpoint": (tmp / CHECKPOINT_FILE).stat().st_size,
-                 "graphs": sum((tmp / f).stat().st_size for f in GRAPH_FILES),
+        sizes = {"checkpoint": _files_bytes(tmp, CHECKPOINT_FILE),  # + checkpoint.data if ORT wrote one
+                 "graphs": sum(_files_bytes(tmp, f) for f in GRAPH_FILES),
                  "fp32_model": fp32_bytes}
         sizes["total"] = sizes["checkpoint"] + sizes["graphs"]
         sizes["ratio_vs_fp32"] = sizes["total"] / fp32_bytes
@@ -435,6 +454,8 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
             "vocab_size": model.config.vocab_size,
             "opset": OPSET,
             "nf4": nf4 if n_nf4 else None,
+            # graphs whose tensors went to ONNX external data (<graph>.data), and the threshold used
+            "external_data": {"threshold_bytes": external_data_threshold, "graphs": external},
             # sketchtune: codes stay bit-packed uint8 in the checkpoint and are decoded in-graph
             "sketch": {"layers": recipe_modules["sketch"], "decode": "graph"} if recipe_modules["sketch"] else None,
             "custom_op_library": ({"sources_sha256": _sources_sha(), "ops": _ops_used(graph)}
@@ -468,6 +489,49 @@ def _torch_adamw(onnx, path: Path) -> None:
     if not found:
         raise ArtifactError(f"{path.name}: no AdamWOptimizer node with adam_mode (onnxruntime changed?)")
     onnx.save(model, str(path))
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of a ModelProto's initializers (a > 2 GB proto cannot report its own ByteSize)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def _files_bytes(directory: Path, name: str) -> int:
+    """Size of ``name`` plus its external data ``name.data``, if any."""
+    return sum((directory / n).stat().st_size for n in (name, name + ".data") if (directory / n).is_file())
+
+
+_EXTERNAL_TYPES = (1, 2, 10, 11, 16)  # FLOAT, UINT8, FLOAT16, DOUBLE, BFLOAT16: weights, never shapes
+
+
+def _save_external(onnx, model, path: Path, location: str) -> bool:
+    """Save ``model`` at ``path`` with its weight-like tensors in ``location`` (next to it).
+
+    Integer tensors stay inline: ORT's shape inference reads shape constants (Slice starts,
+    Reshape shapes) only from inline data ("Cannot parse data from external tensors").
+    Returns whether any tensor went external."""
+    from onnx.external_data_helper import set_external_data
+
+    moved = False
+    for t in model.graph.initializer:
+        if t.data_type in _EXTERNAL_TYPES and t.HasField("raw_data") and t.raw_data:
+            set_external_data(t, location)
+            moved = True
+    onnx.save(model, str(path))  # writes every tensor marked external into ``location``
+    return moved
+
+
+def _externalize(onnx, directory: Path, threshold: int) -> list[str]:
+    """Re-save every graph of ``directory`` whose tensors exceed ``threshold`` bytes with its
+    weight-like tensors in ``<graph>.data`` (one file, next to it; ORT resolves it from the
+    graph's folder)."""
+    done = []
+    for name in GRAPH_FILES:
+        path = directory / name
+        model = onnx.load(str(path))
+        if _tensor_bytes(model) > threshold and _save_external(onnx, model, path, name + ".data"):
+            done.append(name)
+    return done
 
 
 def _ops_used(graph) -> list[str]:

@@ -304,8 +304,7 @@ def _train(ort_dir: Path, manifest: dict, dataset, config, run_dir: Path, resume
 
     import torch
 
-    with atomic_file(run_dir / ORT_CKPT) as tmp:
-        CheckpointState.save_checkpoint(state, str(tmp), include_optimizer_state=True)
+    _save_final_checkpoint(CheckpointState, state, run_dir / ORT_CKPT)
     with atomic_file(run_dir / "trainable.safetensors") as tmp:
         save_tensors({k: torch.from_numpy(np.array(v)) for k, v in adapter_arrays(state, manifest).items()}, tmp)
     metrics = read_metrics(metrics_path)
@@ -314,6 +313,21 @@ def _train(ort_dir: Path, manifest: dict, dataset, config, run_dir: Path, resume
                "last_loss": metrics[-1]["loss"] if metrics else None}
     write_manifest(run_dir, RUN_KIND, {"train_config": dataclasses.asdict(config), "summary": summary, **info})
     return TrainResult(run_dir, total, summary["first_loss"], summary["last_loss"], metrics)
+
+
+def _save_final_checkpoint(CheckpointState, state, dest: Path) -> None:
+    """Save under the final file name inside a hidden folder, then move every file it wrote (the
+    checkpoint and, for a large model, ORT's ``<name>.data`` external data, which the checkpoint
+    refers to by name) into place."""
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        CheckpointState.save_checkpoint(state, str(tmp / dest.name), include_optimizer_state=True)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == dest.name):  # data files before the checkpoint
+            os.replace(path, dest.parent / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["train_ort", "open_session", "adapter_arrays", "set_parameters", "OrtSession", "RUN_KIND"]

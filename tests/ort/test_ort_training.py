@@ -288,3 +288,37 @@ def test_missing_onnxruntime_names_the_extra(exported, tmp_path, capsys, monkeyp
     _one_line_error(code, capsys.readouterr().err, "pip install 'edgetune[ort]'")
     code = main(["ort-train", str(exported["lora", "op"]), "--data", str(DATA), "--out", str(tmp_path / "r")])
     _one_line_error(code, capsys.readouterr().err, "pip install 'edgetune[ort]'")
+
+
+def test_external_data_forced_on_a_tiny_model_still_trains(exported, tmp_path):
+    """With the threshold at 0 every graph keeps its tensors in <graph>.data; training is unchanged."""
+    import onnx
+
+    ort_dir = export_training(exported["lora"], tmp_path / "ext.ort", act4="off", external_data_threshold=0).out
+    manifest = json.loads((ort_dir / "manifest.json").read_text())
+    assert manifest["external_data"]["threshold_bytes"] == 0
+    assert "training_model.onnx" in manifest["external_data"]["graphs"]
+    for name in manifest["external_data"]["graphs"]:
+        assert f"{name}.data" in manifest["files"] and (ort_dir / f"{name}.data").stat().st_size > 0
+        model = onnx.load(str(ort_dir / name), load_external_data=False)
+        # float tensors are external; integer ones (shape constants) stay inline for ORT's shape inference
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT and t.HasField("raw_data"))
+    assert manifest["sizes"]["graphs"] == sum((ort_dir / f).stat().st_size for f in manifest["files"]
+                                              if f.split(".onnx")[0] in ("training_model", "eval_model",
+                                                                         "optimizer_model"))
+    batches = _batches(exported["lora"], STEPS)
+    ref_losses, ref_params = _torch_reference(exported["lora"], batches)
+    losses, params = _ort_steps(ort_dir, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for name in ref_params:
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-3, atol=5e-5, msg=name)
+    # a run on it writes its final checkpoint through the hidden-folder move, and resumes from it
+    run = train_ort(ort_dir, DATA, tmp_path / "run", steps=2, batch=BATCH, seq_len=SEQ, lr=LR, progress=False)
+    assert (run.run_dir / "ort_checkpoint").is_file() and not any(p.name.startswith(".ort_checkpoint")
+                                                                  for p in run.run_dir.iterdir())
+    sess = open_session(ort_dir, run.run_dir / "ort_checkpoint")
+    trained = load_tensors(run.run_dir / "trainable.safetensors")
+    for name, value in adapter_arrays(sess.state, sess.manifest).items():
+        np.testing.assert_array_equal(np.array(value), trained[name].numpy())
