@@ -160,8 +160,8 @@ def export_adapter(compiled_or_run, out: str | os.PathLike, format: str = "peft"
     """Write the trained adapter for a server: a PEFT directory or a llama.cpp GGUF LoRA file.
 
     An ORT run directory (manifest kind ``ort-run``, from ``train --backend ort``) goes to
-    :func:`edgetune.ort.adapter.export_run`: ``peft`` (the adapter from the ORT checkpoint) or
-    ``onnx`` (an inference model)."""
+    :func:`edgetune.ort.adapter.export_run`: ``peft`` (the adapter from the ORT checkpoint),
+    ``onnx`` (an inference model), or ``gguf``/``sketch``/``s2a`` (through the compiled artifact)."""
     if not isinstance(compiled_or_run, nn.Module):
         from .manifest import artifact_kind
 

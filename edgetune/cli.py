@@ -166,7 +166,7 @@ def train_cmd(compiled, data, out, overwrite, resume, force, backend, **options)
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", default="peft", show_default=True,
               help="peft | gguf | sketch (sketchtune table deltas) | s2a (S2A biases and prompts); "
-                   "sketch and s2a adapters go to `edgetune merge`; an ORT run: peft | onnx (inference model)")
+                   "sketch and s2a adapters go to `edgetune merge`; an ORT run also: onnx (inference model)")
 @click.option("--out", required=True, type=click.Path(),
               help="adapter directory (peft, sketch, s2a) or .gguf / .onnx file")
 @click.option("--dtype", default="float32", show_default=True, help="float32 | float16 (sketch deltas are float16)")

@@ -1,4 +1,11 @@
-"""Get a trained adapter out of an ORT run: a PEFT directory, or an inference ONNX model."""
+"""Get a trained adapter out of an ORT run: a PEFT directory, an inference ONNX model, or any of
+the torch path's other formats (``gguf``, ``sketch``, ``s2a``).
+
+``peft`` and ``onnx`` need only the ORT directory (self-contained). The other formats are
+written by the torch exporters (:func:`edgetune.api.export_adapter`) from the compiled artifact
+the ORT directory was exported from (its manifest records the path and manifest sha256) with
+the run's trained tensors loaded into it, so they are byte-for-byte the torch path's formats.
+"""
 from __future__ import annotations
 
 import json
@@ -11,6 +18,7 @@ from ..manifest import read_manifest, write_manifest
 from .export import read_ort_dir
 
 FORMATS = ("peft", "onnx")
+TORCH_FORMATS = ("gguf", "sketch", "s2a")  # through the compiled artifact and the torch exporters
 
 
 def ort_dir_of_run(run_dir: Path) -> tuple[Path, dict, dict]:
@@ -35,13 +43,17 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     """Write the adapter of an ORT run (``peft``) or the trained model for ORT inference (``onnx``)."""
     import torch
 
-    if format not in FORMATS:
-        raise EdgetuneError(f"an ORT run exports --format {' or '.join(FORMATS)}, not {format!r}")
+    if format not in FORMATS + TORCH_FORMATS:
+        raise EdgetuneError(f"an ORT run exports --format {', '.join(FORMATS + TORCH_FORMATS)}, not {format!r}")
     if dtype not in ("float32", "float16"):
         raise EdgetuneError(f"--dtype must be float32 or float16, got {dtype!r}")
     check_output_path(out, overwrite)
     run_dir = Path(run_dir)
     ort_dir, manifest, run = ort_dir_of_run(run_dir)
+    if format in TORCH_FORMATS:
+        from ..api import export_adapter
+
+        return export_adapter(_torch_model(run_dir, manifest), out, format=format, dtype=dtype, overwrite=overwrite)
     if format == "onnx":
         from .train import open_session
 
@@ -77,6 +89,34 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
         write_manifest(tmp, "adapter", {"adapter_format": "peft", "recipe": manifest["recipe"], "backend": "ort",
                                         "base_sha256": manifest.get("base_sha256"), "base_name": base_name})
     return Path(out)
+
+
+def _torch_model(run_dir: Path, manifest: dict):
+    """The compiled artifact behind an ORT directory, with the run's trained tensors loaded."""
+    import torch
+
+    from ..artifact import load_compiled
+    from ..fsutil import sha256_file
+    from ..tensors import load_tensors
+
+    ref = manifest.get("compiled") or {}
+    compiled = Path(ref.get("path", ""))
+    if not (compiled / "manifest.json").is_file():
+        raise ArtifactError(f"{run_dir}: this format is written from the compiled artifact {compiled}, which is "
+                            "gone; use --format peft or onnx (they need only the ORT directory)")
+    if sha256_file(compiled / "manifest.json") != ref.get("manifest_sha256"):
+        raise ArtifactError(f"{run_dir}: the compiled artifact {compiled} changed since the ORT export")
+    model, tokenizer, _ = load_compiled(compiled)
+    params = dict(model.named_parameters())
+    state = load_tensors(run_dir / "trainable.safetensors")
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise ArtifactError(f"{run_dir}: trained tensor {missing[0]} is not a parameter of {compiled}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    model.edgetune_tokenizer = tokenizer
+    return model
 
 
 def _inference_model(eval_model: Path, state, out: Path) -> None:

@@ -121,3 +121,29 @@ def test_s2a_prompt_works_for_sequences_shorter_than_the_prompt(exported):
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss.item()
         assert abs(loss - ref) <= 1e-5 * ref, (t, loss, ref)
+
+
+@pytest.mark.parametrize("recipe,fmt", [("sketchtune", "sketch"), ("s2a", "s2a")])
+def test_export_of_an_ort_run_in_the_recipe_format(exported, recipe, fmt, tmp_path):
+    """`edgetune export RUN --format sketch|s2a` on an ORT run writes the torch path's adapter of
+    the tensors ORT trained."""
+    from edgetune.cli import main
+    from edgetune.ort.train import train_ort
+
+    run = tmp_path / "run"
+    train_ort(exported[recipe, "ort"], DATA, run, steps=2, batch=BATCH, seq_len=SEQ, lr=LR, progress=False)
+    assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / "a")]) == 0
+    trained = load_tensors(run / "trainable.safetensors")
+    if fmt == "s2a":
+        saved = load_tensors(tmp_path / "a" / "s2a.safetensors")
+        assert set(saved) == set(trained)
+        for name in trained:
+            torch.testing.assert_close(saved[name], trained[name], rtol=0, atol=0)
+    else:
+        saved = load_tensors(tmp_path / "a" / "sketch_delta.safetensors")
+        base = load_tensors(exported[recipe] / "base.safetensors")
+        for name, table in trained.items():
+            path = name.removesuffix(".table")
+            delta = (table - base[path + ".table_init"].float()).half()
+            assert delta.abs().max() > 0
+            torch.testing.assert_close(saved[path + ".table_delta"], delta, rtol=0, atol=0)

@@ -240,8 +240,10 @@ def test_cli_round_trip_to_peft_and_onnx(exported, tmp_path, capsys):
         assert (tmp_path / "peft" / name).read_bytes() == (tmp_path / "peft2" / name).read_bytes()
     assert (tmp_path / "model.onnx").read_bytes() == (tmp_path / "model2.onnx").read_bytes()
     capsys.readouterr()
-    code = main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "a.gguf")])
-    _one_line_error(code, capsys.readouterr().err, "peft or onnx")
+    code = main(["export", str(run), "--format", "sketch", "--out", str(tmp_path / "sk")])
+    _one_line_error(code, capsys.readouterr().err, "no sketch tables")
+    code = main(["export", str(run), "--format", "bogus", "--out", str(tmp_path / "b")])
+    _one_line_error(code, capsys.readouterr().err, "an ORT run exports --format peft, onnx")
     code = main(["export", str(exported["qlora"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     _one_line_error(code, capsys.readouterr().err, "needs an ORT run")
     # the PEFT adapter on the torch model gives the logits of ORT's inference model
