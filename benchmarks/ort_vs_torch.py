@@ -134,10 +134,18 @@ def main() -> None:
     sizes = json.loads((work / "ort" / "manifest.json").read_text())["sizes"]
     print(f"setup {time.time() - t0:.0f}s", file=sys.stderr)
 
+    partial = {}
+
     def stage(name, fn, *a):
+        """Run a stage; report it at once (and in --json) so a cut-short run still has its numbers."""
         t = time.time()
         r = fn(*a)
-        print(f"{name} {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        print(f"{name} {time.time() - t:.0f}s: first loss {r['losses'][0]:.6f}, last {r['losses'][-1]:.4f}, "
+              f"median step {sorted(r['times'])[len(r['times']) // 2]:.2f}s, VmHWM loaded "
+              f"{r['loaded_rss_mib']:.0f} / peak {r['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        partial[name] = r
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "partial": partial}, indent=1))
         return r
 
     torch_run = stage("torch steps", _run_child, "torch", args.steps, args)
