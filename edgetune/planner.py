@@ -51,6 +51,22 @@ OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
 # fraction applies to the uncompressed (act-bits 16) saved bytes: taking it of the compressed bytes
 # under-predicted the act-bits 4 peaks by 21-49%.
 TRANSIENT_FRACTION = 0.72
+# CUDA profiles (unmeasured: no GPU has been lent): PyTorch's caching allocator keeps freed blocks
+# and hands them to the next request of the same size class, and every decoder block allocates the
+# same sizes, so the forward's freed intermediates do not pile up across blocks as glibc's heap
+# high-water mark does on the CPU. What is alive beyond the saved tensors is one block's worth: its
+# full-precision intermediates in forward (before they are compressed or freed), or in backward its
+# reconstructed inputs plus the gradients with respect to them. Hence 2 x one block's uncompressed
+# saved bytes; the dequantized weight, attention gradients and loss-head chunk are counted as
+# workspaces, and the allocator's rounding/fragmentation by the 8% of OVERHEAD["cuda"].
+CUDA_TRANSIENT_BLOCKS = 2
+
+
+def transient_bytes(accelerator: str, uncompressed: int, per_block: int | None) -> int:
+    """Freed-but-held activation temporaries at the peak: the CPU fit, or the CUDA one-block model."""
+    if accelerator == "cuda" and per_block is not None:
+        return CUDA_TRANSIENT_BLOCKS * per_block
+    return int(TRANSIENT_FRACTION * uncompressed)
 RECIPES = ("lora", "qlora", "s2a", "sketchtune")  # the recipes the planner has formulas for
 LOSS_CHUNK_ROWS = 256  # edgetune.s2a.rewriter.LOSS_CHUNK: rows of logits alive at once in the chunked loss
 
@@ -268,6 +284,7 @@ class Plan:
     recipe: str = ""
     step_time_s: float | None = None
     suggestion: str | None = None
+    step_flops: int = 0  # the matmul FLOPs the step-time estimate is made of
     image_size: int = 0  # image models: the input side in pixels (seq_len is then the ViT's tokens, or 0)
 
     def to_dict(self) -> dict:
@@ -542,6 +559,7 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         acts = {k: walk[k] for k in ("conv_inputs", "batchnorm", "relu", "pool", "head")}
         plain = resnet_walk(shape, batch, a, job.recipe, 16)
         uncompressed = sum(plain[k] for k in acts)
+        per_block = None  # stages differ in size: no one-block model, the CPU fraction is used everywhere
         frozen = walk["buffers"] + (walk["params"] - walk["trainable"]) * a
         trainable = walk["trainable"] * a
         workspace = {"backward_workspace": 2 * walk["largest"]}  # one layer's grad_input and grad_output
@@ -551,7 +569,9 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         if job.recipe not in ("lora", "qlora"):
             raise EdgetuneError(f"the planner has ViT formulas for recipes lora and qlora, not {job.recipe!r}")
         acts = vit_activation_bytes(shape, job, batch)
-        uncompressed = sum(vit_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch).values())
+        plain_vit = vit_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch)
+        uncompressed = sum(plain_vit.values())
+        per_block = (uncompressed - plain_vit["head"]) // shape.layers
         frozen, trainable = vit_weight_bytes(shape, job)
         n, d = batch * shape.tokens, shape.hidden
         dequant = shape.hidden * shape.ffn * a if job.recipe == "qlora" else 0
@@ -560,13 +580,14 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         flops = 2 * (2 * n * lin + 4 * batch * shape.tokens ** 2 * d * shape.layers)  # forward + input grads
     components = {"weights": frozen, "trainable": trainable, "gradients": trainable, "optimizer": 2 * trainable,
                   "activations": sum(acts.values()),
-                  "activation_transients": int(TRANSIENT_FRACTION * uncompressed), **workspace}
+                  "activation_transients": transient_bytes(profile.accelerator, uncompressed, per_block),
+                  **workspace}
     fixed, frac = OVERHEAD[profile.accelerator]
     components["overhead"] = int(fixed + frac * sum(components.values()))
     total = sum(components.values())
     step = flops / (profile.peak_tflops * 1e12 * 0.5) + 2 * (frozen + trainable) / (profile.memory_bandwidth_gbps * 1e9)
     return Plan(total <= profile.usable_bytes, profile.usable_bytes, total, batch, shape.tokens, components, acts,
-                profile.name, job.recipe, round(step, 3), image_size=shape.image)
+                profile.name, job.recipe, round(step, 3), step_flops=int(flops), image_size=shape.image)
 
 
 def _choose_vision(shape, job: "JobSpec", profile: DeviceProfile, batch: int | None, seq_len: int | None) -> "Plan":
@@ -605,6 +626,7 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
         return _vision_plan(shape, job, profile, batch)
     frozen, trainable = weight_bytes(shape, job)
     acts = saved_activation_bytes(shape, job, batch, seq_len)
+    plain = saved_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch, seq_len)
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -621,8 +643,8 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
         "optimizer": 2 * trainable,
         "activations": sum(acts.values()),
         # the forward's freed intermediates are full precision whatever backward keeps of them
-        "activation_transients": int(TRANSIENT_FRACTION * sum(
-            saved_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch, seq_len).values())),
+        "activation_transients": transient_bytes(profile.accelerator, sum(plain.values()),
+                                                 (sum(plain.values()) - plain["loss_head"]) // shape.layers),
         "attention_workspace": attn_ws + dequant_ws,
         "loss_workspace": loss_ws,
     }
@@ -632,7 +654,7 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
     flops = 2 * n * (shape.params - shape.vocab * shape.hidden * (0 if shape.tied else 1)) * 2  # fwd + grad_input
     step = flops / (profile.peak_tflops * 1e12 * 0.5) + 2 * (frozen + trainable) / (profile.memory_bandwidth_gbps * 1e9)
     return Plan(total <= profile.usable_bytes, profile.usable_bytes, total, batch, seq_len, components, acts,
-                profile.name, job.recipe, round(step, 3))
+                profile.name, job.recipe, round(step, 3), step_flops=int(flops))
 
 
 def _seq_candidates(context: int) -> list[int]:
