@@ -40,9 +40,14 @@ LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 # Runtime overhead on top of the tensors, by accelerator. CPU: allocator slack and per-op
 # scratch (glibc malloc arenas, oneDNN/OpenMP buffers), measured here as ~6% of tensor bytes plus
-# ~150 MiB beyond the interpreter+torch+transformers baseline. CUDA: the CUDA context with
-# cuBLAS/cuDNN handles is 300-600 MiB on Ampere (Jetson Orin included); we assume 512 MiB, plus
-# 8% for the caching allocator's fragmentation.
+# ~150 MiB beyond the interpreter+torch+transformers baseline (most of it is code the first step
+# loads lazily: a micro-model step adds 121 MiB of RSS for lora, 169 MiB for qlora with
+# bitsandbytes, measured here). CUDA: the context is 287 MB with CUDA's lazy module loading (the
+# PyTorch default since 1.13) vs 667 MB without (pytorch/pytorch#86509, a desktop GPU) and "around
+# 400MB" per a PyTorch maintainer (pytorch/pytorch#109888); no Jetson measurement was found. We
+# assume 512 MiB with cuBLAS/cuDNN handles, plus 8% for the caching allocator's rounding and
+# fragmentation (not measured here; lifespan-unaware allocators waste "up to 43%" under
+# recomputation and pipelining, arXiv:2507.16274, which plain LoRA training does not do).
 OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
 # Forward intermediates that are freed but not yet reused when backward starts (sums, rotary and
 # MLP temporaries, the allocator's free lists): measured on the default model as 0.65-0.79 of the
