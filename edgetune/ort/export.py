@@ -170,14 +170,40 @@ class _ExportPrompt(nn.Module):
         return h + rows[: h.shape[1]]
 
 
+class _ExportLayerNorm(nn.Module):
+    """Stands in for nn.LayerNorm during export (same ``weight``/``bias``), written with
+    ReduceMean/Sub/Mul/Sqrt/Div. The TorchScript exporter writes ``LayerNormalization`` with one
+    output, and ORT's gradient builder for it needs the saved mean and inverse std (outputs 1 and
+    2), so GPT-2-style models failed with "i < node_->OutputDefs().size()"."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.eps, self.shape = norm.eps, tuple(norm.normalized_shape)
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C)
+        dims = tuple(range(-len(self.shape), 0))
+        mean = x.mean(dim=dims, keepdim=True)
+        centred = x - mean
+        var = (centred * centred).mean(dim=dims, keepdim=True)
+        y = centred / torch.sqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
 def _swap_recipe_modules(model: nn.Module) -> dict:
-    """SketchTune's and S2A's modules -> their export stand-ins; returns counts."""
+    """SketchTune's and S2A's modules and nn.LayerNorm -> their export stand-ins; returns counts."""
     from ..methods.sketchtune.layer import SketchLinear
     from ..models.arch import get_submodule_parent
 
-    counts = {"sketch": 0, "prompt": 0}
+    counts = {"sketch": 0, "prompt": 0, "layernorm": 0}
     for name, module in list(model.named_modules()):
-        if isinstance(module, SketchLinear):
+        if isinstance(module, nn.LayerNorm):
+            parent, leaf = get_submodule_parent(model, name)
+            setattr(parent, leaf, _ExportLayerNorm(module))
+            counts["layernorm"] += 1
+        elif isinstance(module, SketchLinear):
             parent, leaf = get_submodule_parent(model, name)
             setattr(parent, leaf, _ExportSketch(module))
             counts["sketch"] += 1
@@ -372,6 +398,10 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
     if getattr(cfg, "dropout", 0.0):
         raise EdgetuneError(f"the ORT export needs --dropout 0 (this artifact has {cfg.dropout}): "
                             "a dropout mask would be baked into the graph")
+    drop = _base_dropout(model)
+    if drop:
+        raise EdgetuneError(f"the ORT export needs dropout 0 in the model ({drop}): a dropout mask would be baked "
+                            "into the graph")
     if model.dtype != torch.float32:
         raise EdgetuneError(f"the ORT export supports float32 artifacts only (this one is {manifest['dtype']})")
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
@@ -489,6 +519,18 @@ def _torch_adamw(onnx, path: Path) -> None:
     if not found:
         raise ArtifactError(f"{path.name}: no AdamWOptimizer node with adam_mode (onnxruntime changed?)")
     onnx.save(model, str(path))
+
+
+def _base_dropout(model: nn.Module) -> str:
+    """The first nonzero dropout on the causal-LM path (an nn.Dropout module, or the attention
+    probability Llama-style attention reads from the config), or ''."""
+    p = getattr(model.config, "attention_dropout", 0.0)
+    if isinstance(p, float) and p > 0:
+        return f"config attention_dropout={p}"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return f"{name}: p={m.p}"
+    return ""
 
 
 def _tensor_bytes(model) -> int:
