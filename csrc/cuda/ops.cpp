@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "kernels.cuh"
+#include "../cpu/lora_impl.h"  // the fused LoRA branch: ATen calls, cuBLAS on CUDA tensors
 
 namespace bind {
 using edgetune_cuda::DType;
@@ -183,6 +184,18 @@ at::Tensor sketch_grad_table(const at::Tensor& dy_, const at::Tensor& x_, const 
   }
   return out;
 }
+
+at::Tensor lora_add_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, double scale) {
+  GUARD(y);
+  return edgetune_lora::lora_add_(y, x, A, B, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
+                                                 const at::Tensor& A, const at::Tensor& B, double scale,
+                                                 const c10::optional<at::Tensor>& grad_x) {
+  GUARD(dy);
+  return edgetune_lora::lora_backward(dy, x, h, A, B, scale, grad_x);
+}
 }  // namespace bind
 
 TORCH_LIBRARY(edgetune_cuda, m) {
@@ -199,6 +212,9 @@ TORCH_LIBRARY(edgetune_cuda, m) {
   m.def("sketch_gather(Tensor table, Tensor codes, int bits, int in_features) -> Tensor");
   m.def("sketch_scatter_add(Tensor grad_w, Tensor codes, int bits, int groups_per_row) -> Tensor");
   m.def("sketch_grad_table(Tensor dy, Tensor x, Tensor codes, int bits, int groups_per_row) -> Tensor");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scale) -> Tensor");
+  m.def("lora_backward(Tensor dy, Tensor x, Tensor h, Tensor A, Tensor B, float scale, Tensor(b!)? grad_x) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(edgetune_cuda, CUDA, m) {
@@ -214,4 +230,6 @@ TORCH_LIBRARY_IMPL(edgetune_cuda, CUDA, m) {
   m.impl("sketch_gather", &bind::sketch_gather);
   m.impl("sketch_scatter_add", &bind::sketch_scatter_add);
   m.impl("sketch_grad_table", &bind::sketch_grad_table);
+  m.impl("lora_add_", &bind::lora_add_);
+  m.impl("lora_backward", &bind::lora_backward);
 }

@@ -15,6 +15,7 @@ stream per row (quant/bitpack.py).
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -243,13 +244,54 @@ def _(dy, x, codes, bits, groups_per_row):
     return dy.new_empty((dy.shape[-1], groups_per_row, 1 << bits), dtype=torch.promote_types(dy.dtype, torch.float32))
 
 
+# --------------------------------------------------------------------------------- LoRA
+
+_LORA_ADD = _impls("lora_add_")
+_LORA_BWD = _impls("lora_backward")
+
+
+@torch.library.custom_op("edgetune::lora_add_", mutates_args=("y",))
+def lora_add_(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """y (..., out) += scale · (x (..., in) · Aᵀ) · Bᵀ **in y's buffer**; returns h = x·Aᵀ (N, r).
+
+    A (r, in) and B (out, r) share a dtype; h is computed in it (x cast to it). Native backends
+    add with one BLAS ``addmm_`` (scale as alpha) into y viewed as (N, out), so the only new
+    tensor is h (keep it for :func:`lora_backward`'s dB); when y's dtype differs from A's the
+    update runs in y's dtype (h and B cast, both small).
+    """
+    return _run("lora_add_", _LORA_ADD, y.device, y, x, A, B, float(scale))
+
+
+@lora_add_.register_fake
+def _(y, x, A, B, scale):
+    return x.new_empty((math.prod(x.shape[:-1]), A.shape[0]), dtype=A.dtype)
+
+
+@torch.library.custom_op("edgetune::lora_backward", mutates_args=("grad_x",))
+def lora_backward(dy: Tensor, x: Tensor, h: Tensor, A: Tensor, B: Tensor, scale: float,
+                  grad_x: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(dA (r, in), dB (out, r)) of y = base + scale·(x Aᵀ) Bᵀ, in A's dtype; ``grad_x`` (..., in),
+    if given, gets ``+= scale · (dY·B)·A`` in place (e.g. the frozen base's grad_x buffer).
+
+    dy (..., out), x (..., in) (e.g. dequantized from its 8-bit save), h = x·Aᵀ from :func:`lora_add_`.
+    """
+    return _run("lora_backward", _LORA_BWD, dy.device, dy, x, h, A, B, float(scale), grad_x)
+
+
+@lora_backward.register_fake
+def _(dy, x, h, A, B, scale, grad_x):
+    return A.new_empty(A.shape), B.new_empty(B.shape)
+
+
 ALL_OPS = {
     "act4_forward": act4_forward, "act4_backward": act4_backward, "pack_nibbles": pack_nibbles,
     "unpack_nibbles": unpack_nibbles, "pack_bits": pack_bits, "unpack_bits": unpack_bits,
     "quantize_int8": quantize_int8, "dequantize_int8": dequantize_int8, "nf4_matmul": nf4_matmul,
     "sketch_gather": sketch_gather, "sketch_scatter_add": sketch_scatter_add, "sketch_grad_table": sketch_grad_table,
+    "lora_add_": lora_add_, "lora_backward": lora_backward,
 }
 IMPLS = {"act4_forward": _ACT4_FWD, "act4_backward": _ACT4_BWD, "pack_nibbles": _PACK_NIB,
          "unpack_nibbles": _UNPACK_NIB, "pack_bits": _PACK_BITS, "unpack_bits": _UNPACK_BITS,
          "quantize_int8": _QUANT8, "dequantize_int8": _DEQUANT8, "nf4_matmul": _NF4MM,
-         "sketch_gather": _SK_GATHER, "sketch_scatter_add": _SK_SCATTER, "sketch_grad_table": _SK_GRADT}
+         "sketch_gather": _SK_GATHER, "sketch_scatter_add": _SK_SCATTER, "sketch_grad_table": _SK_GRADT,
+         "lora_add_": _LORA_ADD, "lora_backward": _LORA_BWD}

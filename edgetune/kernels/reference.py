@@ -105,3 +105,21 @@ def sketch_grad_table(dy: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, bi
     g2 = dy.reshape(-1, out_f)
     grad_w = g2.t() @ x.reshape(-1, in_f).to(g2.dtype)
     return sketch_scatter_add(grad_w, codes, bits, groups_per_row)
+
+
+def lora_add_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The oracle, the plain formula with its temporaries: y += (scale · h Bᵀ) in y's dtype."""
+    h = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A.t()  # (N, r)
+    y.add_(((h @ B.t()) * scale).view(y.shape).to(y.dtype))
+    return h
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  scale: float, grad_x: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    g2 = dy.reshape(-1, dy.shape[-1]).to(A.dtype)  # (N, out)
+    dh = (g2 @ B) * scale  # (N, r)
+    dB = (g2.t() @ h.reshape(-1, h.shape[-1])) * scale  # (out, r)
+    dA = dh.t() @ x.reshape(-1, x.shape[-1]).to(A.dtype)  # (r, in)
+    if grad_x is not None:
+        grad_x.add_((dh @ A).view(grad_x.shape).to(grad_x.dtype))
+    return dA, dB

@@ -209,6 +209,9 @@ def _opcheck_cases(gen):
         "sketch_gather": (_rand(gen, 6, 2, 8), cp, 3, 11),
         "sketch_scatter_add": (_rand(gen, 6, 11), cp, 3, 2),
         "sketch_grad_table": (_rand(gen, 4, 6), _rand(gen, 4, 11), cp, 3, 2),
+        "lora_add_": (_rand(gen, 2, 3, 6), _rand(gen, 2, 3, 11), _rand(gen, 4, 11), _rand(gen, 6, 4), 0.5),
+        "lora_backward": (_rand(gen, 6, 6), _rand(gen, 6, 11), _rand(gen, 6, 4), _rand(gen, 4, 11), _rand(gen, 6, 4),
+                          0.5, _rand(gen, 6, 11)),
     }
 
 
@@ -249,3 +252,52 @@ def test_int8_llm_size(backend, group, gen):
         got = _run(backend, ops.quantize_int8, x, group, nz, poison=(G * group, G * 4, G * 4))
         for a, b in zip(got, R.quantize_int8(x, group, nz)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_matmul_multi_tile_odd_rows(backend, dtype, gen):
+    """Several row and column tiles; in_features odd, so rows start mid-byte and mid-block."""
+    _skip_missing(backend, "nf4_matmul")
+    out_f, in_f = 131, 4101
+    w = torch.randn(out_f, in_f, generator=gen)
+    packed, absmax = quantize_nf4_reference(w, 64)
+    packed, absmax = packed.to(DEVICE), absmax.to(DEVICE)
+    x = _rand(gen, 9, in_f, dtype=dtype, scale=1.0)
+    dy = _rand(gen, 9, out_f, dtype=dtype, scale=1.0)
+    rtol, atol = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 1e-1)}[dtype]
+    y = _run(backend, ops.nf4_matmul, x, packed, absmax, out_f, in_f, 64, False, poison=(9 * out_f * 4,))
+    torch.testing.assert_close(y, R.nf4_matmul(x, packed, absmax, out_f, in_f, 64, False), rtol=rtol, atol=atol)
+    gx = _run(backend, ops.nf4_matmul, dy, packed, absmax, out_f, in_f, 64, True, poison=(9 * in_f * 4,))
+    torch.testing.assert_close(gx, R.nf4_matmul(dy, packed, absmax, out_f, in_f, 64, True), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_add_and_backward(backend, dtype, gen):
+    """y += s·(xAᵀ)Bᵀ in y's own buffer; dA, dB and grad_x agree with autograd of the formula."""
+    _skip_missing(backend, "lora_add_")
+    n_in, n_out, r, s = 37, 29, 5, 0.75
+    x = _rand(gen, 3, 7, n_in, dtype=dtype, scale=1.0)
+    A = _rand(gen, r, n_in, scale=0.3)
+    B = _rand(gen, n_out, r, scale=0.3)
+    base = _rand(gen, 3, 7, n_out, dtype=dtype, scale=1.0)
+    y = base.clone()
+    ptr = y.data_ptr()
+    h = _run(backend, ops.lora_add_, y, x, A, B, s)
+    assert y.data_ptr() == ptr and h.shape == (21, r) and h.dtype == torch.float32
+    xa, Aa, Ba = x.float().requires_grad_(), A.clone().requires_grad_(), B.clone().requires_grad_()
+    want = base.float() + s * (xa @ Aa.t()) @ Ba.t()
+    rtol, atol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 3e-2)}[dtype]
+    torch.testing.assert_close(y.float(), want.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(h, (x.float() @ A.t()).reshape(21, r), rtol=rtol, atol=atol)
+    dy = _rand(gen, 3, 7, n_out, dtype=dtype, scale=1.0)
+    want.backward(dy.float())
+    gx = _rand(gen, 3, 7, n_in, dtype=dtype, scale=1.0)
+    gx0 = gx.clone()
+    dA, dB = _run(backend, ops.lora_backward, dy, x, h, A, B, s, gx)
+    torch.testing.assert_close(dA, Aa.grad, rtol=rtol, atol=atol * 4)
+    torch.testing.assert_close(dB, Ba.grad, rtol=rtol, atol=atol * 4)
+    torch.testing.assert_close(gx.float(), gx0.float() + xa.grad, rtol=rtol, atol=atol * 4)
+    dA2, dB2 = _run(backend, ops.lora_backward, dy, x, h, A, B, s, None)  # no grad_x: dA, dB only
+    assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
