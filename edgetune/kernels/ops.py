@@ -205,7 +205,7 @@ def _(x, packed, absmax, out_features, in_features, blocksize, transposed):
 
 # ------------------------------------------------------------------------------- sketch
 
-_SK_GATHER = _impls("sketch_gather")
+_SK_GATHER = _impls("sketch_gather", triton=True)
 _SK_SCATTER = _impls("sketch_scatter_add")
 _SK_GRADT = _impls("sketch_grad_table")
 

@@ -211,3 +211,33 @@ def dequantize_int8(codes, lo, scale, numel: int, dtype: torch.dtype):
         _dequant8_kernel[_grid(numel)](codes.contiguous(), lo.float().contiguous(), scale.float().contiguous(), out,
                                        numel, codes.shape[1], BLOCK=BLOCK)
     return out.to(dtype)
+
+
+@triton.jit
+def _sketch_gather_kernel(t_ptr, c_ptr, w_ptr, in_f, nbytes, gpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One row r, BLOCK columns: W[r, c] = table[r, c·gpr // in, code(r, c)], codes LSB-first per row."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = c < in_f
+    p = c * BITS
+    byte = p >> 3
+    row = c_ptr + r * nbytes
+    v = tl.load(row + byte, mask=m, other=0).to(tl.int32)
+    v1 = tl.load(row + byte + 1, mask=m & (byte + 1 < nbytes), other=0).to(tl.int32)
+    code = ((v | (v1 << 8)) >> (p & 7).to(tl.int32)) & ((1 << BITS) - 1)
+    g = (c * gpr) // in_f
+    val = tl.load(t_ptr + (r * gpr + g) * (1 << BITS) + code, mask=m, other=0.0)
+    tl.store(w_ptr + r * in_f + c, val, mask=m)
+
+
+def sketch_gather(table: torch.Tensor, codes: torch.Tensor, bits: int, in_features: int):
+    t = table.contiguous()
+    out_f, gpr, k = t.shape
+    if k != 1 << bits or codes.shape != (out_f, (in_features * bits + 7) // 8):
+        raise ValueError(f"sketch_gather: table {tuple(t.shape)} / codes {tuple(codes.shape)} do not match "
+                         f"{bits}-bit codes for {in_features} columns")
+    w = torch.empty(out_f, in_features, dtype=t.dtype, device=t.device)
+    if w.numel():
+        grid = (out_f, triton.cdiv(in_features, BLOCK))
+        _sketch_gather_kernel[grid](t, codes.contiguous(), w, in_features, codes.shape[1], gpr, BITS=bits, BLOCK=BLOCK)
+    return w
