@@ -247,38 +247,48 @@ def devices_cmd(as_json):
 @cli.command("plan")
 @click.argument("model")
 @click.option("--device", default="cpu-16gb", show_default=True, help="device profile name or TOML file")
-@click.option("--recipe", default="qlora", show_default=True, help="lora | qlora | s2a")
+@click.option("--recipe", default=None,
+              help="lora | qlora | s2a | sketchtune; ResNet: full | norm (default: qlora, ResNet: norm)")
 @click.option("--r", "rank", default=16, show_default=True, type=int, help="LoRA rank")
 @click.option("--act-bits", type=click.Choice(["16", "8", "4"]), default="4", show_default=True,
               help="S2A saved-activation bits, as for compile")
+@click.option("--bits", type=click.Choice(["2", "3", "4"]), default="4", show_default=True,
+              help="sketchtune: bits per code")
+@click.option("--groups-per-row", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
+              help="sketchtune: column groups (tables) per output row")
 @click.option("--seq-len", default=None, type=int, help="sequence length (default: the largest that fits)")
 @click.option("--batch", default=None, type=int, help="batch size (default: the largest that fits)")
 @click.option("--dtype", default=None, help="compute dtype (default: the profile's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--png", type=click.Path(), default=None, help="write the breakdown as a bar chart")
-def plan_cmd(model, device, recipe, rank, act_bits, seq_len, batch, dtype, as_json, png):
+def plan_cmd(model, device, recipe, rank, act_bits, bits, groups_per_row, seq_len, batch, dtype, as_json, png):
     """Will MODEL fine-tune on DEVICE? Memory breakdown, and the batch/seq-len that fit."""
-    from .planner import JobSpec, choose, format_bytes, shape_for
+    from .planner import RECIPES, JobSpec, ResNetShape, choose, format_bytes, shape_for
     from .profiles import load_profile
 
-    if recipe not in ("lora", "qlora", "s2a"):
-        raise EdgetuneError(f"the planner knows recipes lora, qlora and s2a, not {recipe!r}")
+    shape = shape_for(model)
+    resnet = isinstance(shape, ResNetShape)
+    recipe = recipe or ("norm" if resnet else "qlora")
+    known = ("full", "norm") if resnet else RECIPES
+    if recipe not in known:
+        raise EdgetuneError(f"the planner knows recipes {', '.join(known)} for {model}, not {recipe!r}")
     profile = load_profile(device)
-    job = JobSpec(recipe, 0 if recipe == "s2a" else rank, dtype=dtype or profile.default_dtype,
-                  act_bits=int(act_bits))
-    plan = choose(shape_for(model), job, profile, batch, seq_len)
+    job = JobSpec(recipe, rank if recipe in ("lora", "qlora") else 0, dtype=dtype or profile.default_dtype,
+                  act_bits=int(act_bits), bits=int(bits), groups_per_row=int(groups_per_row))
+    plan = choose(shape, job, profile, batch, seq_len)
     if png:
         from .plots import plot_plan
 
         plot_plan(plan, png, title=f"{model} · {recipe} · {profile.name}")
+    size = (f"batch {plan.batch} · images {plan.image_size}²" if plan.image_size
+            else f"batch {plan.batch} x seq {plan.seq_len}")
     if as_json:
         _echo_json(plan.to_dict())
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("component", "bytes", title=f"{model} · {recipe} · act-bits {act_bits} on {profile.name} · "
-                                                   f"batch {plan.batch} x seq {plan.seq_len}")
+        table = Table("component", "bytes", title=f"{model} · {recipe} · act-bits {act_bits} on {profile.name} · {size}")
         for name, n in plan.components.items():
             table.add_row(name, format_bytes(n))
         for name, n in plan.activations.items():
@@ -289,8 +299,7 @@ def plan_cmd(model, device, recipe, rank, act_bits, seq_len, batch, dtype, as_js
         click.echo(f"estimated step time on {profile.name}: {plan.step_time_s:.2f} s")
     if not plan.fits:
         raise EdgetuneError(f"does not fit: needs {format_bytes(plan.total_bytes)} of "
-                            f"{format_bytes(plan.budget_bytes)} at batch {plan.batch} x seq {plan.seq_len}; "
-                            f"{plan.suggestion}")
+                            f"{format_bytes(plan.budget_bytes)} at {size}; {plan.suggestion}")
 
 
 @cli.command("recipes")
