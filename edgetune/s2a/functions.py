@@ -258,22 +258,30 @@ class LeanLoraBranch(torch.autograd.Function):
 
     x (..., in), y (..., out) the frozen projection's output, A (r, in), B (out, r).
     dA = s·(dY·B)ᵀ x̂ needs x; dx = s·dY·B·A and dB = s·dYᵀ (xAᵀ) do not. The update is added
-    into y with one ``addmm`` (scaling as its alpha), so no (..., out) temporary is made for
-    the branch, its scaling or the sum; ``y=None`` returns the branch alone.
+    into y's buffer by the registry's ``lora_add_`` (one ``addmm_``, scaling as its alpha), so no
+    (..., out) tensor is made for the branch, its scaling or the sum; ``y=None`` returns the
+    branch alone.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression,
                 y: torch.Tensor | None = None):
-        h = x.to(A.dtype) @ A.t()  # (..., r)
-        ctx.save_for_backward(*_save_int8(int8_shared(x, comp)), h, A, B)
         ctx.shape, ctx.scaling = x.shape, scaling
-        h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+        q = int8_shared(x, comp)
         if y is None:
-            return (h2 @ B.t()).mul_(scaling).view(*x.shape[:-1], B.shape[0])
-        ctx.y_dtype = y.dtype
-        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(B.dtype), h2, B.t(), alpha=scaling)  # (N, out)
-        return out.view(y.shape).to(y.dtype)
+            h = x.to(A.dtype).reshape(-1, x.shape[-1]) @ A.t()  # (N, r)
+            out = (h @ B.t()).mul_(scaling).view(*x.shape[:-1], B.shape[0])
+        else:  # the registry's fused op: y += s·(x Aᵀ) Bᵀ in y's own buffer (one addmm_)
+            from edgetune.kernels.ops import lora_add_
+
+            # A leaf (a test's y) or a view (F.linear with a bias returns one) is not written in place.
+            inplace = y._base is None and not (y.is_leaf and y.requires_grad)
+            out = y if inplace else y.clone()
+            h = lora_add_(out, x, A, B, scaling)  # (N, r)
+            if inplace:
+                ctx.mark_dirty(y)
+        ctx.save_for_backward(*_save_int8(q), h, A, B)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
