@@ -97,14 +97,31 @@ def child(args) -> None:
                                   "loaded_rss_mib": base_rss}))
 
 
-def _run_child(backend: str, steps: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", backend, "--steps", str(steps), "--work", args.work,
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
+def _child_cmd(backend: str, steps: int, args) -> list[str]:
+    return [sys.executable, __file__, "--child", backend, "--steps", str(steps), "--work", args.work,
+            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr)]
+
+
+def _result(backend: str, stdout: str, stderr: str) -> dict:
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise SystemExit(f"{backend} child failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"{backend} child failed:\n{stderr[-3000:]}")
+
+
+def _run_child(backend: str, steps: int, args) -> dict:
+    proc = subprocess.run(_child_cmd(backend, steps, args), capture_output=True, text=True)
+    return _result(backend, proc.stdout, proc.stderr)
+
+
+def _run_side_by_side(steps: int, args) -> tuple[dict, dict]:
+    """Both backends at once, one thread each (OMP_NUM_THREADS=1): half the wall time on a 2-core
+    machine. Losses and each process's VmHWM are unaffected; step times are one-thread times."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {b: subprocess.Popen(_child_cmd(b, steps, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env) for b in ("torch", "ort")}
+    out = {b: p.communicate() for b, p in procs.items()}
+    return _result("torch", *out["torch"]), _result("ort", *out["ort"])
 
 
 def main() -> None:
@@ -116,6 +133,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/edgetune-ort-bench")
     ap.add_argument("--child", choices=["torch", "ort"])
     ap.add_argument("--json", help="also write the measurements to this JSON file")
+    ap.add_argument("--model", default="default", help="base model (a tiny HF dir makes a quick dry run)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run the two backends at the same time, one thread each (step times are 1-thread times)")
     args = ap.parse_args()
     if args.child:
         args.backend = args.child
@@ -127,7 +147,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not (work / "compiled").is_dir():
-        model, tok = edgetune.load("default")
+        model, tok = edgetune.load(args.model)
         edgetune.save(edgetune.compile(model, recipe="qlora"), work / "compiled", tok)
     if not (work / "ort").is_dir():
         export_training(work / "compiled", work / "ort", lr=args.lr)
@@ -148,8 +168,15 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"args": vars(args), "partial": partial}, indent=1))
         return r
 
-    torch_run = stage("torch steps", _run_child, "torch", args.steps, args)
-    ort_run = stage("ort steps", _run_child, "ort", args.steps, args)
+    if args.side_by_side:
+        t = time.time()
+        torch_run, ort_run = _run_side_by_side(args.steps, args)
+        print(f"side by side {time.time() - t:.0f}s", file=sys.stderr, flush=True)
+        stage("torch steps", lambda: torch_run)
+        stage("ort steps", lambda: ort_run)
+    else:
+        torch_run = stage("torch steps", _run_child, "torch", args.steps, args)
+        ort_run = stage("ort steps", _run_child, "ort", args.steps, args)
     torch_mem, ort_mem = torch_run, ort_run
 
     # round trip: the ORT child's run, exported as PEFT, loaded with PEFT
@@ -175,7 +202,7 @@ def main() -> None:
                 n += k
         return total / n
 
-    base, tok = edgetune.load("default")
+    base, tok = edgetune.load(args.model)
     before = heldout_loss(base, tok)
     peft_model = PeftModel.from_pretrained(base, str(work / "peft"))
     after = heldout_loss(peft_model, tok)
@@ -202,8 +229,9 @@ def main() -> None:
         ("held-out loss: base -> ORT adapter via PeftModel", f"{before:.4f}", f"{after:.4f}",
          "lowered" if after < before else "NOT lowered"),
     ]
-    print(f"\nORT vs torch, default model, qlora (act-bits 4; ORT: NF4MatMul + Act4SiLU), batch {args.batch} x seq {args.seq_len}, lr {args.lr}, "
-          f"{args.steps} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}\n")
+    print(f"\nORT vs torch, {args.model} model, qlora (act-bits 4; ORT: NF4MatMul + Act4SiLU), batch {args.batch} x seq {args.seq_len}, lr {args.lr}, "
+          f"{args.steps} steps, " + ("side by side, 1 thread each" if args.side_by_side else
+                                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}") + "\n")
     print(f"| {'metric':<48} | {'torch':>10} | {'ORT':>12} | note |")
     print(f"|{'-' * 50}|{'-' * 12}|{'-' * 14}|------|")
     for r in rows:
