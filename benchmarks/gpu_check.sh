@@ -33,6 +33,8 @@ cases = [("act4 pack", lambda: ops.act4_forward(x, bo, "silu"), 8.5 * n), ("act4
          ("int8 quantize", lambda: ops.quantize_int8(x, 64, None), 5.125 * n), ("int8 dequantize", lambda: ops.dequantize_int8(*q, n, torch.float32), 5.125 * n),
          ("sketch gather", lambda: ops.sketch_gather(tab, cp, 4, 1536), 4.5 * 576 * 1536), ("sketch scatter-add", lambda: ops.sketch_scatter_add(gw, cp, 4, 4), 4.5 * 576 * 1536),
          ("nf4 x.W^T", lambda: ops.nf4_matmul(xt, wp, wa, 576, 1536, 64, False), wp.numel() + xt.numel() * 4)]
+la, lb, ly = torch.randn(16, 1536, device=d), torch.randn(576, 16, device=d), torch.randn(1024, 576, device=d)
+cases += [("lora_add_", lambda: ops.lora_add_(ly, xt, la, lb, 2.0), 2 * ly.numel() * 4 + xt.numel() * 4)]
 print(f"{'op':<20}" + "".join(f"{b + ' ms':>14}" for b in ("reference", "cuda", "triton")) + f"{'best GB/s':>11}{'copy GB/s':>11}")
 for name, fn, nbytes in cases:
     row, best = [], None
