@@ -32,7 +32,7 @@ inline float gelu_tanh(float x) {
 
 inline uint8_t code_of(float x, const float* borders, int64_t nb) {
   uint8_t c = 0;
-  for (int64_t k = 0; k < nb; ++k) c += x > borders[k];  // NaN compares false: code 0
+  for (int64_t k = 0; k < nb; ++k) c += !(x <= borders[k]);  // == x > b; NaN counts every border, as bucketize
   return c;
 }
 
