@@ -1,4 +1,4 @@
-"""`s2a`: S2A activation modules (bias tuning, low-rank prompts) on a frozen fp or NF4 base.
+"""`s2a`: S2A activation modules (bias tuning, low-rank prompts, a lite side branch) on a frozen fp or NF4 base.
 
 S2A (arXiv 2503.08154) picks trainable structures whose gradients need little stored input;
 with the activation-lean rewrite (``--act-bits``) on top, backward keeps almost nothing.
@@ -9,7 +9,7 @@ from .model import apply
 
 METHOD = register_method(Method(
     "s2a", S2AConfig, apply,
-    "S2A activation modules: bias tuning + low-rank prompts on a frozen NF4/dense base (tiny gradients' inputs)",
+    "S2A activation modules: bias tuning, low-rank prompts, lite side branch on a frozen NF4/dense base (tiny gradients' inputs)",
 ))
 
 __all__ = ["S2AConfig", "METHOD"]
