@@ -96,6 +96,7 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
           overwrite: bool = False, resume: bool = False, progress: bool = True, force: bool = False, **options):
     """Fine-tune a compiled artifact on ``data``; options are :class:`~edgetune.training.loop.TrainConfig` fields."""
     from .training.data import build_dataset
+    from .training.images import data_sha256
     from .training.loop import TrainConfig, train_model
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -124,7 +125,7 @@ def train(compiled: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
         # (the quickstart builds both in a temporary directory, then renames it into place).
         "compiled": {"path": str(compiled.resolve()), "relpath": os.path.relpath(compiled.resolve(), out.resolve()),
                      "manifest_sha256": sha256_file(compiled / "manifest.json")},
-        "data": {"path": str(Path(data).resolve()), "sha256": sha256_file(data), "rows": len(dataset)},
+        "data": {"path": str(Path(data).resolve()), "sha256": data_sha256(data), "rows": len(dataset)},
         "base_sha256": compiled_info(model).source.sha256 if compiled_info(model).source else None,
     }
     return train_model(model, dataset, config, out, resume=resume, run_info=info, progress=progress)

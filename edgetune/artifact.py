@@ -25,7 +25,7 @@ from .errors import ArtifactError
 from .fsutil import atomic_dir
 from .manifest import read_manifest, write_manifest
 from .methods import config_from_dict, get_method
-from .models.arch import arch_for, get_submodule_parent
+from .models.arch import get_submodule_parent
 from .models.loader import ModelSource
 from .profiles import parse_profile
 from .s2a.functions import Compression
@@ -86,7 +86,9 @@ def load_compiled(directory: str | os.PathLike, activation_rewrite: bool = True)
     ``activation_rewrite=False`` skips the S2A rewrite recorded in the manifest (the ONNX exporter
     wants the plain ops; forward values are the same).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
+
+    from .models.loader import arch_for_model, auto_model_class, load_preprocessor, model_task
 
     directory = Path(directory)
     manifest = read_manifest(directory, "compiled")
@@ -99,9 +101,9 @@ def load_compiled(directory: str | os.PathLike, activation_rewrite: bool = True)
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{directory}/manifest.json: malformed ({exc})") from None
     hf_config = AutoConfig.from_pretrained(str(directory))
-    arch = arch_for(hf_config)
+    arch = arch_for_model(hf_config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = auto_model_class(hf_config).from_config(hf_config, dtype=dtype)
     freeze_all(model)
     rewritten = method.apply(model, config, arch, False)
     try:
@@ -125,11 +127,9 @@ def load_compiled(directory: str | os.PathLike, activation_rewrite: bool = True)
         p.requires_grad_(name in trainable)
     model.eval()
     model.edgetune = CompileInfo(manifest["recipe"], config, profile, manifest["dtype"], source, rewritten,
-                                 compression, report)
+                                 compression, report, task=model_task(hf_config))
     model.edgetune_source = source
-    tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_preprocessor(directory / "tokenizer", hf_config)
     return model, tokenizer, manifest
 
 

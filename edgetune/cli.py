@@ -140,7 +140,7 @@ def compile_cmd(model, recipe, device, out, overwrite, act_bits, act_stochastic,
 
 @cli.command("train")
 @click.argument("compiled", type=click.Path())
-@click.option("--data", required=True, type=click.Path(), help="training data (.jsonl or .txt)")
+@click.option("--data", required=True, type=click.Path(), help="training data (.jsonl or .txt; for an image model, a directory with one sub-folder of images per class)")
 @click.option("--out", required=True, type=click.Path(), help="run directory to write")
 @click.option("--overwrite", is_flag=True, help="replace --out if it exists")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its newest valid checkpoint")

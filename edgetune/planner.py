@@ -718,8 +718,8 @@ def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int,
 def job_for(model) -> JobSpec | None:
     """The planner's view of a compiled model, or None for recipes it has no formula for."""
     info = getattr(model, "edgetune", None)
-    if info is None or info.recipe not in RECIPES:
-        return None
+    if info is None or info.recipe not in RECIPES or getattr(info, "task", "causal-lm") != "causal-lm":
+        return None  # no formula for image classifiers
     cfg = info.config
     from .models.arch import arch_for
 
