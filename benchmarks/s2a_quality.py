@@ -22,7 +22,7 @@ the s2a defaults (bias + prompt 16 x 4, side off) were chosen::
 
     s2a:side                  294,784 trainable  2.7933   10.9 MiB  3.63 s/step
     s2a:bias                  190,080            2.2007  193.5 MiB  5.75
-    s2a:bias+prompt           261,120            2.1967  ~194 MiB   (earlier run of this script)
+    s2a:bias+prompt           261,120            2.1988  194.1 MiB  5.93
     s2a:bias+prompt32x8       336,000            2.1977  194.1 MiB  6.71
     s2a:bias+prompt+side      555,904            2.1919  202.1 MiB  6.12
 """

@@ -13,9 +13,9 @@ class S2AConfig:
     act-bits 4, 100 steps at 4 x 64, lr 1e-3; held-out loss, base 2.9268; saved MiB of one forward at
     4 x 256). Numbers are in the docstring of that benchmark; the default is bias + a 16 x 4 prompt, side off:
 
-    * bias only 2.2007 (190k trainable, 193.5 MiB); bias + prompt 2.1967 (261k, ~194 MiB); a 32 x 8
+    * bias only 2.2007 (190k trainable, 193.5 MiB); bias + prompt 2.1988 (261k, 194.1 MiB); a 32 x 8
       prompt 2.1977 (336k, 194.1 MiB): no gain over 16 x 4, so the prompt stays 16 x 4; bias +
-      prompt + side 2.1919 (556k, 202.1 MiB): the side buys 0.2% for +4% saved bytes, 2.1x the trainable
+      prompt + side 2.1919 (556k, 202.1 MiB): the side buys 0.3% for +4% saved bytes, 2.1x the trainable
       parameters and no dense merge, so it is off by default;
     * side only 2.7933 (295k, 10.9 MiB): 18x fewer saved bytes than bias tuning, for the tightest devices,
       but far weaker in 100 steps at this learning rate.
