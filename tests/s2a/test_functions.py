@@ -7,6 +7,7 @@ levels[code]·dY and close to the true gradient.
 """
 import pytest
 import torch
+from tiny_models import grid
 import torch.nn.functional as F
 
 from edgetune.s2a.functions import (Act4Pointwise, Compression, LeanGatedProduct, LeanLayerNorm, LeanLoraBranch,
@@ -15,16 +16,6 @@ from edgetune.s2a.loss import ChunkedLinearCrossEntropy, chunked_causal_lm_loss
 from edgetune.s2a.tables import table_for
 
 C8 = Compression(act_bits=8)
-
-
-def grid(shape, seed=0, lo=-1.0):
-    """float64 values lo + k/128, k in [0, 255], with k = 0 and 255 in every group of 64."""
-    n = 1
-    for s in shape:
-        n *= s
-    k = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
-    k[0::64], k[1::64] = 0, 255
-    return (lo + k.double() / 128).view(shape).requires_grad_()
 
 
 def test_chunked_cross_entropy_gradcheck_and_matches_plain():
