@@ -7,13 +7,13 @@ levels[code]·dY and close to the true gradient.
 """
 import pytest
 import torch
-from tiny_models import grid
 import torch.nn.functional as F
 
 from edgetune.s2a.functions import (Act4Pointwise, Compression, LeanGatedProduct, LeanLayerNorm, LeanLoraBranch,
                                     LeanRMSNorm, Relu1Bit, lean_attention)
 from edgetune.s2a.loss import ChunkedLinearCrossEntropy, chunked_causal_lm_loss
 from edgetune.s2a.tables import table_for
+from tiny_models import grid
 
 C8 = Compression(act_bits=8)
 

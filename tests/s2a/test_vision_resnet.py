@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import grid
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,6 +18,7 @@ from edgetune.s2a.modules import LeanActivation
 from edgetune.s2a.rewriter import rewrite
 from edgetune.s2a.vision import (LeanBatchNorm, LeanBatchNormFrozen, LeanBatchNormTrain, LeanConv2d, LeanGlobalAvgPool,
                                  LeanMaxPool2d, batch_norm_reference)
+from tiny_models import grid
 
 C8 = Compression(act_bits=8)
 
