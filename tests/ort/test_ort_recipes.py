@@ -13,9 +13,10 @@ pytest.importorskip("onnx")
 
 import edgetune  # noqa: E402
 from edgetune.ort.export import export_training, load_plain  # noqa: E402
-from edgetune.ort.train import adapter_arrays, open_session  # noqa: E402
+from edgetune.ort.train import open_session  # noqa: E402
 from edgetune.tensors import load_tensors  # noqa: E402
 from edgetune.training.data import BatchIterator, build_dataset  # noqa: E402
+from ort_parity import ort_steps, torch_steps  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "edgetune" / "data" / "instructions.jsonl"
 LR, STEPS, BATCH, SEQ = 3e-3, 3, 2, 32
@@ -48,32 +49,11 @@ def _batches(compiled_dir, n, seq=SEQ):
 
 
 def _torch_steps(compiled_dir, batches):
-    model, _, _, _ = load_plain(compiled_dir)
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(params.values()), lr=LR, eps=1e-8, weight_decay=0.0)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in params.items()}
+    return torch_steps(compiled_dir, batches, LR)
 
 
 def _ort_steps(ort_dir, batches):
-    sess = open_session(ort_dir)
-    sess.module.train()
-    sess.optimizer.set_learning_rate(LR)
-    losses = []
-    for b in batches:
-        loss = sess.module(b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy())
-        sess.optimizer.step()
-        sess.module.lazy_reset_grad()
-        losses.append(float(np.asarray(loss).reshape(-1)[0]))
-    return losses, {k: torch.from_numpy(np.array(v)) for k, v in adapter_arrays(sess.state, sess.manifest).items()}
+    return ort_steps(ort_dir, batches, LR)
 
 
 @pytest.mark.parametrize("recipe", sorted(OPTIONS))

@@ -13,10 +13,11 @@ pytest.importorskip("onnx")
 
 import edgetune  # noqa: E402
 from edgetune.cli import main  # noqa: E402
-from edgetune.ort.export import export_training, load_plain  # noqa: E402
+from edgetune.ort.export import export_training  # noqa: E402
 from edgetune.ort.train import adapter_arrays, open_session, train_ort  # noqa: E402
 from edgetune.tensors import load_tensors  # noqa: E402
 from edgetune.training.data import BatchIterator, build_dataset  # noqa: E402
+from ort_parity import ort_steps, torch_steps  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "edgetune" / "data" / "instructions.jsonl"
 LR, STEPS, BATCH, SEQ = 3e-3, 3, 2, 32
@@ -79,34 +80,11 @@ def _swap_act4_reference(model):
 def _torch_reference(compiled_dir, batches, act4=False):
     """Plain torch autograd (no S2A; with ``act4`` only the nonlinearities are S2A's 4-bit
     derivative-coded ones), AdamW(eps=1e-8), global-norm clip 1.0, constant lr: losses and params."""
-    model, _, _, _ = load_plain(compiled_dir)
-    if act4:
-        _swap_act4_reference(model)
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(params.values()), lr=LR, eps=1e-8, weight_decay=0.0)
-    losses = []
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in params.items()}
+    return torch_steps(compiled_dir, batches, LR, _swap_act4_reference if act4 else None)
 
 
 def _ort_steps(ort_dir, batches):
-    sess = open_session(ort_dir)
-    sess.module.train()
-    sess.optimizer.set_learning_rate(LR)
-    losses = []
-    for b in batches:
-        loss = sess.module(b["input_ids"].numpy(), b["attention_mask"].numpy(), b["labels"].numpy())
-        sess.optimizer.step()
-        sess.module.lazy_reset_grad()
-        losses.append(float(np.asarray(loss).reshape(-1)[0]))
-    return losses, {k: torch.from_numpy(np.array(v)) for k, v in adapter_arrays(sess.state, sess.manifest).items()}
+    return ort_steps(ort_dir, batches, LR)
 
 
 @pytest.mark.parametrize("recipe,mode", CASES)
