@@ -12,6 +12,31 @@ from edgetune.ort.export import load_plain
 from edgetune.ort.train import adapter_arrays, open_session
 
 
+class Act4Reference(torch.nn.Module):
+    """S2A's own 4-bit derivative-coded nonlinearity (edgetune.s2a.functions.Act4Pointwise)."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        from edgetune.s2a.functions import Act4Pointwise
+
+        return Act4Pointwise.apply(x, self.op)
+
+
+def swap_act4_reference(model) -> None:
+    """Replace every SiLU/GELU module with :class:`Act4Reference`: what the ORT Act4 ops compute."""
+    from edgetune.models.arch import get_submodule_parent
+    from edgetune.s2a.rewriter import activation_op
+
+    for name, module in list(model.named_modules()):
+        op = activation_op(module)
+        if op in ("silu", "gelu", "gelu_tanh"):
+            parent, leaf = get_submodule_parent(model, name)
+            setattr(parent, leaf, Act4Reference(op))
+
+
 def torch_steps(compiled_dir, batches, lr: float, prepare=None):
     """``prepare(model)`` may swap modules first (e.g. S2A's 4-bit nonlinearities)."""
     model, _, _, _ = load_plain(compiled_dir)

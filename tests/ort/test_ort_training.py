@@ -17,7 +17,7 @@ from edgetune.ort.export import export_training  # noqa: E402
 from edgetune.ort.train import adapter_arrays, open_session, train_ort  # noqa: E402
 from edgetune.tensors import load_tensors  # noqa: E402
 from edgetune.training.data import BatchIterator, build_dataset  # noqa: E402
-from ort_parity import ort_steps, torch_steps  # noqa: E402
+from ort_parity import ort_steps, swap_act4_reference, torch_steps  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "edgetune" / "data" / "instructions.jsonl"
 LR, STEPS, BATCH, SEQ = 3e-3, 3, 2, 32
@@ -54,33 +54,10 @@ def _batches(compiled_dir, n):
     return [next(it) for _ in range(n)]
 
 
-class _Act4Reference(torch.nn.Module):
-    """S2A's own 4-bit derivative-coded nonlinearity (edgetune.s2a.functions.Act4Pointwise)."""
-
-    def __init__(self, op):
-        super().__init__()
-        self.op = op
-
-    def forward(self, x):
-        from edgetune.s2a.functions import Act4Pointwise
-
-        return Act4Pointwise.apply(x, self.op)
-
-
-def _swap_act4_reference(model):
-    from edgetune.models.arch import get_submodule_parent
-    from edgetune.s2a.rewriter import activation_op
-
-    for name, module in list(model.named_modules()):
-        if activation_op(module) in ("silu", "gelu", "gelu_tanh"):
-            parent, leaf = get_submodule_parent(model, name)
-            setattr(parent, leaf, _Act4Reference(activation_op(module)))
-
-
 def _torch_reference(compiled_dir, batches, act4=False):
     """Plain torch autograd (no S2A; with ``act4`` only the nonlinearities are S2A's 4-bit
     derivative-coded ones), AdamW(eps=1e-8), global-norm clip 1.0, constant lr: losses and params."""
-    return torch_steps(compiled_dir, batches, LR, _swap_act4_reference if act4 else None)
+    return torch_steps(compiled_dir, batches, LR, swap_act4_reference if act4 else None)
 
 
 def _ort_steps(ort_dir, batches):
