@@ -10,6 +10,7 @@ from edgetune.memory import SavedTensorCounter
 from edgetune.planner import (JobSpec, ResNetShape, VitShape, choose, resnet_walk, shape_for, vit_activation_bytes,
                               vit_weight_bytes)
 from edgetune.profiles import load_profile
+from tiny_models import norm_tuning
 
 
 def _tiny_vit(targets, act_bits, r=4):
@@ -62,17 +63,6 @@ def test_vit_saved_bytes_match_autograd(targets, act_bits):
         assert shape.params == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def _norm_tuning(model):
-    """Frozen convolutions; BatchNorm affine parameters and the classifier train (tests/s2a/test_vision_resnet.py)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.Linear)):
-            for p in m.parameters():
-                p.requires_grad_(True)
-    return model
-
-
 @pytest.mark.parametrize("recipe,act_bits", [("full", 16), ("norm", 16), ("norm", 8), ("norm", 4)])
 @pytest.mark.parametrize("kw,image,batch", [
     ({}, 64, 2),
@@ -88,7 +78,7 @@ def test_resnet_saved_bytes_match_autograd(kw, image, batch, recipe, act_bits):
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64], depths=[2, 1, 2], num_labels=7, **kw)
     model = ResNetForImageClassification(cfg)
     if recipe == "norm":
-        _norm_tuning(model)
+        norm_tuning(model)
     rewrite(model, Compression(act_bits))
     model.train()
     pixels = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(1))

@@ -69,3 +69,14 @@ def grid(shape, seed=0, lo=-1.0):
     k = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
     k[0::64], k[1::64] = 0, 255
     return (lo + k.double() / 128).view(shape).requires_grad_()
+
+
+def norm_tuning(model: torch.nn.Module) -> torch.nn.Module:
+    """Frozen convolutions; BatchNorm affine parameters and the classifier (any Linear) train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Linear)):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return model

@@ -18,7 +18,7 @@ from edgetune.s2a.modules import LeanActivation
 from edgetune.s2a.rewriter import rewrite
 from edgetune.s2a.vision import (LeanBatchNorm, LeanBatchNormFrozen, LeanBatchNormTrain, LeanConv2d, LeanGlobalAvgPool,
                                  LeanMaxPool2d, batch_norm_reference)
-from tiny_models import grid
+from tiny_models import grid, norm_tuning
 
 C8 = Compression(act_bits=8)
 
@@ -164,17 +164,6 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.layer1(x)), 1))
 
 
-def _norm_tuning(model):
-    """Frozen convolutions; BatchNorm affine parameters and the classifier train."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.Linear)):
-            for p in m.parameters():
-                p.requires_grad_(True)
-    return model
-
-
 def _run(model, pixels, labels, logits_of=lambda out: out):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -198,7 +187,7 @@ def _parity(plain, lean, pixels, labels, logits_of=lambda out: out):
 
 def test_torchvision_style_resnet_rewrite_matches_and_saves_less():
     torch.manual_seed(0)
-    plain = _norm_tuning(TinyResNet())
+    plain = norm_tuning(TinyResNet())
     lean = copy.deepcopy(plain)
     report = rewrite(lean, Compression(4))
     assert set(report.changed) >= {"batchnorm", "activations", "conv_pool"}
@@ -216,7 +205,7 @@ def test_transformers_resnet_rewrite_matches_and_saves_less():
 
     torch.manual_seed(0)
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck", num_labels=3)
-    plain = _norm_tuning(ResNetForImageClassification(cfg))
+    plain = norm_tuning(ResNetForImageClassification(cfg))
     lean = copy.deepcopy(plain)
     report = rewrite(lean, Compression(4))
     assert len(report.changed["batchnorm"]) == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
