@@ -24,11 +24,12 @@ from torch import nn
 
 from ..models.arch import get_submodule_parent
 from .functions import Compression, lean_attention
+from .loss import LOSS_MAX_ROWS
 from .modules import LeanActivation, LeanGatedMLP, LeanLayerNormModule, LeanRMSNormModule
 from .vision import LeanBatchNorm, LeanConv2d, LeanGlobalAvgPool, LeanMaxPool2d
 
 ATTN_NAME = "edgetune_lean"
-LOSS_CHUNK = 256  # rows per chunk of the loss head: 256 x 49152 fp32 logits = 48 MiB transient
+LOSS_CHUNK = LOSS_MAX_ROWS  # rows per chunk of the loss head (its logits are vocab-sliced)
 
 
 @dataclass
@@ -183,7 +184,7 @@ PASSES: dict[str, Callable[[nn.Module, Compression], list[str]]] = {
 
 # Leaf modules whose backward keeps nothing worth compressing (frozen matmuls keep no input; the
 # rotary embedding and dropout-free layers keep nothing), matched by class name.
-HARMLESS = ("Linear", "Conv1D", "Embedding", "Dropout", "Identity", "NF4Linear", "SketchLinear", "LowRankPrompt",
+HARMLESS = ("Linear", "Conv1D", "Embedding", "Dropout", "Identity", "NF4Linear", "NF4LMHead", "SketchLinear", "LowRankPrompt",
             "LeanRMSNormModule", "LeanLayerNormModule", "LeanActivation", "LeanBatchNorm", "LeanConv2d", "LeanGlobalAvgPool",
             "LeanMaxPool2d", "Flatten")
 

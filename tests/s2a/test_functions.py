@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from edgetune.s2a.functions import (Act4Pointwise, Compression, LeanGatedProduct, LeanLayerNorm, LeanLoraBranch,
                                     LeanRMSNorm, Relu1Bit, lean_attention)
-from edgetune.s2a.loss import ChunkedLinearCrossEntropy, chunked_causal_lm_loss
+from edgetune.s2a.loss import ChunkedLinearCrossEntropy, DenseHead, chunked_causal_lm_loss
 from edgetune.s2a.tables import table_for
 from tiny_models import grid
 
@@ -26,9 +26,30 @@ def test_chunked_cross_entropy_gradcheck_and_matches_plain():
     y = torch.randint(0, 13, (11,), generator=g)
     y[3] = -100
     every = (True, True, True)
-    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, 4, every), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, DenseHead(w), every, 4), (h, w, b))
     plain = F.cross_entropy(h @ w.t() + b, y, ignore_index=-100)
-    assert torch.allclose(ChunkedLinearCrossEntropy.apply(h, w, b, y, 4, every), plain, atol=1e-12)
+    assert torch.allclose(ChunkedLinearCrossEntropy.apply(h, w, b, y, DenseHead(w), every, 4), plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_vocab_sliced_online_softmax_across_many_slices(monkeypatch, head_trains):
+    """Slices of 5 of a 37-row head and row chunks of 4: the online max/sum-exp and the
+    flash-style dh accumulation (head frozen) or the two-pass form (head trains) are exact."""
+    import edgetune.s2a.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "MIN_VOCAB_SLICE", 1)
+    monkeypatch.setattr(loss_mod, "LOSS_LOGITS_BYTES", 4 * 4 * 5)  # 4 rows x 5 vocab fp32 logits
+    assert loss_mod.vocab_slice(4, 37) == 5
+    g = torch.Generator().manual_seed(2)
+    h = (3 * torch.randn(10, 6, dtype=torch.float64, generator=g)).requires_grad_()
+    w = torch.randn(37, 6, dtype=torch.float64, generator=g).requires_grad_(head_trains)
+    b = torch.randn(37, dtype=torch.float64, generator=g).requires_grad_(head_trains)
+    y = torch.tensor([0, 36, 5, 4, 9, -100, 35, 10, 11, 20])  # slice edges, both ends, one ignored
+    grads = (True, head_trains, head_trains)
+    fn = lambda h, w, b: ChunkedLinearCrossEntropy.apply(h, w, b, y, DenseHead(w), grads, 4)
+    plain = F.cross_entropy(h @ w.t() + b, y, ignore_index=-100)
+    assert torch.allclose(fn(h, w, b), plain, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
 def test_chunked_causal_lm_loss_scales_upstream_grad_and_skips_grads_in_eval():
@@ -41,15 +62,15 @@ def test_chunked_causal_lm_loss_scales_upstream_grad_and_skips_grads_in_eval():
     ref_h = hidden.detach().clone().requires_grad_()
     ref = F.cross_entropy((ref_h[:, :-1] @ head.weight.t()).reshape(-1, 17), labels[:, 1:].reshape(-1))
     (2.5 * ref).backward()
-    loss = chunked_causal_lm_loss(hidden, head, labels, chunk=5)
+    loss = chunked_causal_lm_loss(hidden, head, labels, rows=5)
     (2.5 * loss).backward()
     assert torch.allclose(loss, ref, atol=1e-12)
     assert torch.allclose(hidden.grad, ref_h.grad, atol=1e-12)
     with torch.no_grad():  # eval: same value, no gradient work, nothing saved
-        assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, chunk=5), ref, atol=1e-12)
+        assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, rows=5), ref, atol=1e-12)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        chunked_causal_lm_loss(hidden, head, labels, chunk=5)
+        chunked_causal_lm_loss(hidden, head, labels, rows=5)
     assert [tuple(t.shape) for t in saved] == [(16, 6)]  # only dh: no logits, labels or hidden states
 
 
