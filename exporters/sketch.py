@@ -172,19 +172,22 @@ def load_sketch_delta(directory: str | os.PathLike, model: nn.Module, force: boo
 
 
 def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """An HF-compatible state dict: every sketch layer as a dense ``weight`` (and ``bias``).
+    """An HF-compatible state dict: every sketch layer (and NF4 embedding) as a dense ``weight`` (and ``bias``).
 
     GPT-2 projections (``Conv1D``) get their (in, out) layout back. Other tensors are taken as
     they are (cast to ``dtype`` if given, floating point only).
     """
+    from edgetune.methods.embedding import dense_embedding_state, is_nf4_embedding_key
+
     layers = sketch_layers(model)
     transposed = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         path, _, leaf = key.rpartition(".")
-        if path in layers:
+        if path in layers or is_nf4_embedding_key(model, key):
             continue
         out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    out.update(dense_embedding_state(model, dtype))  # embed_nf4: decoded back to plain weights
     for path, m in layers.items():
         w = m.dense_weight(dtype or m.table.dtype)  # (out, in)
         out[path + ".weight"] = w.t().contiguous() if transposed else w

@@ -246,6 +246,25 @@ class NF4Weight:
         return dequantize_absmax_reference(self.absmax_q, self.absmax_scale, self.absmax_code,
                                            self.absmax_offset)
 
+    def block_absmax_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The float32 scales of the blocks ``index`` (any shape) only, bit-identical to
+        ``block_absmax()[index]``: lets a caller decode a few rows without the whole absmax."""
+        if self.absmax_q is None:
+            return self.absmax[index]
+        values = self.absmax_code.float()[self.absmax_q[index].long()]
+        return values * self.absmax_scale.float()[torch.div(index, DQ_BLOCKSIZE, rounding_mode="floor")] + \
+            self.absmax_offset.float()
+
+    def rows(self, start: int, stop: int) -> "NF4Weight":
+        """Rows [start, stop) of a (rows, cols) weight whose rows are whole blocks, as a plain-absmax NF4Weight."""
+        cols = self.shape[1]
+        if len(self.shape) != 2 or cols % self.blocksize:
+            raise ValueError(f"rows of {self.shape} are not whole blocks of {self.blocksize}")
+        per = cols // self.blocksize
+        index = torch.arange(start * per, stop * per, device=self.packed.device)
+        return NF4Weight(self.packed[start * cols // 2:stop * cols // 2], (stop - start, cols), self.blocksize,
+                         absmax=self.block_absmax_at(index))
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (only those present)."""
         return {k: getattr(self, k) for k in self.TENSOR_NAMES if getattr(self, k) is not None}

@@ -123,12 +123,13 @@ def test_broken_delta_directories(tmp_path, trained):
         export_sketch_delta(tmp_path / "e", build_tiny_model("llama", 50))
 
 
-@pytest.mark.parametrize("arch", ("llama", "qwen2", "gpt2"))
-def test_dense_state_dict_loads_into_plain_transformers(arch, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("arch,embed_nf4", [("llama", False), ("qwen2", False), ("gpt2", False),
+                                            ("llama", True), ("qwen2", True)])  # NF4 embeddings: tied, untied
+def test_dense_state_dict_loads_into_plain_transformers(arch, embed_nf4, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     vocab = len(tiny_tokenizer)
-    model = _compiled(arch, tiny_tokenizer)
+    model = _compiled(arch, tiny_tokenizer, embed_nf4=embed_nf4)
     _train(model, vocab, steps=2)
     state = dense_state_dict(model)
     plain = build_tiny_model(arch, vocab, seed=1)

@@ -57,27 +57,66 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor]
     return _NF4Matmul.apply(x, qweight, bias)
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 (bitsandbytes layout) as persistent buffers.
+class NF4Storage(nn.Module):
+    """The frozen NF4 buffers of one (rows, cols) matrix, shared by :class:`NF4Linear` and
+    :class:`~edgetune.methods.embedding.NF4Embedding`.
 
     Buffers: ``packed`` (uint8) plus ``absmax`` (float32) or, with ``double_quant``,
-    ``absmax_q`` (uint8), ``absmax_scale`` / ``absmax_code`` / ``absmax_offset`` (float32);
-    ``bias`` (``dtype``) if any. There are no parameters: nothing here trains. ``dtype`` is
-    the compute dtype (the bias dtype and ``dequantize()``'s default); forward computes in the
-    input's dtype. Casting the module (``.to(torch.bfloat16)``, ``.half()``) casts the bias
-    and the compute dtype but never the quantization statistics, which stay float32 so the
-    weight stays bit-identical.
+    ``absmax_q`` (uint8), ``absmax_scale`` / ``absmax_code`` / ``absmax_offset`` (float32).
+    Casting the module (``.to(torch.bfloat16)``, ``.half()``) changes the compute dtype but never
+    the quantization statistics, which stay float32 so the weight stays bit-identical.
+    """
+
+    def _init_nf4(self, shape: tuple[int, int], blocksize: int, double_quant: bool, device,
+                  dtype: Optional[torch.dtype]) -> None:
+        self.nf4_shape, self.blocksize, self.double_quant = tuple(shape), blocksize, double_quant
+        self.compute_dtype = dtype if dtype is not None else torch.float32
+        for name, (buf_shape, buf_dtype) in NF4Weight.tensor_specs(shape, blocksize, double_quant).items():
+            self.register_buffer(name, torch.empty(buf_shape, dtype=buf_dtype, device=device))
+
+    def _quantize_into(self, weight: torch.Tensor) -> None:
+        """Fill the buffers from a dense weight of ``nf4_shape``."""
+        q = quantize_nf4(weight.detach(), self.blocksize, self.double_quant)
+        for name, t in q.to_tensors().items():
+            setattr(self, name, t.to(weight.device))
+
+    def nf4_weight(self) -> NF4Weight:
+        """The quantized weight as an :class:`NF4Weight` viewing this module's buffers (no copy)."""
+        return NF4Weight.from_tensors({n: getattr(self, n, None) for n in _QUANT_BUFFERS}, self.nf4_shape,
+                                      self.blocksize)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight in ``dtype`` (default: the compute dtype)."""
+        return dequantize_nf4(self.nf4_weight(), dtype=dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Let .to()/.cuda()/.to_empty() move the quantized buffers, but never change their dtype.
+        before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                if new.is_floating_point():
+                    self.compute_dtype = new.dtype
+                self._buffers[name] = old.to(device=new.device)
+        if self._buffers.get("bias") is not None:
+            self.compute_dtype = self._buffers["bias"].dtype
+        return self
+
+
+class NF4Linear(NF4Storage):
+    """A frozen linear layer stored in NF4 (bitsandbytes layout) as persistent buffers.
+
+    The NF4 buffers of :class:`NF4Storage`, plus ``bias`` (``dtype``) if any. There are no
+    parameters: nothing here trains. ``dtype`` is the compute dtype (the bias dtype and
+    ``dequantize()``'s default); forward computes in the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
                  double_quant: bool = False, device=None, dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.blocksize, self.double_quant = blocksize, double_quant
-        self.compute_dtype = dtype if dtype is not None else torch.float32
-        specs = NF4Weight.tensor_specs((out_features, in_features), blocksize, double_quant)
-        for name, (shape, buf_dtype) in specs.items():
-            self.register_buffer(name, torch.empty(shape, dtype=buf_dtype, device=device))
+        self._init_nf4((out_features, in_features), blocksize, double_quant, device, dtype)
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=self.compute_dtype, device=device))  # (out,)
         else:
@@ -91,38 +130,13 @@ class NF4Linear(nn.Module):
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         layer = cls(in_features, out_features, bias is not None, blocksize, double_quant,
                     device="meta", dtype=dtype)
-        q = quantize_nf4(weight.detach(), blocksize, double_quant)
-        for name, t in q.to_tensors().items():
-            setattr(layer, name, t.to(weight.device))
+        layer._quantize_into(weight)
         if bias is not None:
             layer.bias = bias.detach().to(device=weight.device, dtype=dtype).clone()
         return layer
 
-    def nf4_weight(self) -> NF4Weight:
-        """The quantized weight as an :class:`NF4Weight` viewing this module's buffers (no copy)."""
-        return NF4Weight.from_tensors({n: getattr(self, n, None) for n in _QUANT_BUFFERS},
-                                      (self.out_features, self.in_features), self.blocksize)
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The dense weight (out, in) in ``dtype`` (default: the compute dtype)."""
-        return dequantize_nf4(self.nf4_weight(), dtype=dtype or self.compute_dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
         return _NF4Matmul.apply(x, self.nf4_weight(), self.bias)
-
-    def _apply(self, fn, recurse=True):
-        # Let .to()/.cuda()/.to_empty() move the quantized buffers, but never change their dtype.
-        before = {n: self._buffers[n] for n in _QUANT_BUFFERS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                if new.is_floating_point():
-                    self.compute_dtype = new.dtype
-                self._buffers[name] = old.to(device=new.device)
-        if self.bias is not None:
-            self.compute_dtype = self.bias.dtype
-        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -20,4 +20,9 @@ def apply(model: nn.Module, config: QLoraConfig, arch: ArchSpec, materialize: bo
         return NF4Linear.from_weight(weight.detach(), None if bias is None else bias.detach(),
                                      config.blocksize, config.double_quant)
 
-    return wrap_projections(model, config, arch, materialize, make_base)
+    changed = wrap_projections(model, config, arch, materialize, make_base)
+    if config.embed_nf4:
+        from ..embedding import quantize_embeddings
+
+        changed += quantize_embeddings(model, config.blocksize, config.double_quant, materialize)
+    return changed

@@ -41,6 +41,9 @@ class SketchTuneConfig:
     )
     train_norms: bool = _help("also train the normalization weights (decoder blocks and final norm)",
                               default=False)
+    embed_nf4: bool = _help("store the frozen input embedding (and an untied LM head) in NF4 (blocks of 64, "
+                            "double quant); the blocks are then calibrated on the NF4 embedding's output",
+                            default=False)
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4):

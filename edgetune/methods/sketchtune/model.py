@@ -36,6 +36,7 @@ from ...models.arch import ArchSpec, get_submodule_parent, linear_weight
 from .config import SketchTuneConfig
 from .layer import SketchLinear
 
+EMBED_BLOCKSIZE = 64  # embed_nf4: bitsandbytes' default NF4 block
 CHUNK_TOKENS = 4096  # calibration rows per forward chunk: chunk rows x seq_len <= this
 
 
@@ -250,10 +251,15 @@ def _sketch_block(block_path: str, block: nn.Module, model: nn.Module, cached: l
 def apply(model: nn.Module, config: SketchTuneConfig, arch: ArchSpec, materialize: bool = True) -> list[str]:
     targets = config.resolve_targets(arch.linear_names)
     paths = arch.target_paths(model, targets)
+    changed = []
+    if config.embed_nf4:  # first, so the sequential calibration sees the embedding the model will have
+        from ..embedding import quantize_embeddings
+
+        changed += quantize_embeddings(model, EMBED_BLOCKSIZE, True, materialize)
     if not materialize:
-        changed = _empty_layers(model, config, arch, paths)
+        changed += _empty_layers(model, config, arch, paths)
     else:
-        changed = _materialize(model, config, arch, paths)
+        changed += _materialize(model, config, arch, paths)
     if config.train_norms:
         for module in model.modules():
             if _is_norm(module):
@@ -279,7 +285,7 @@ def _materialize(model: nn.Module, config: SketchTuneConfig, arch: ArchSpec, pat
     if limit is not None and config.calib_seq_len > limit:
         raise EdgetuneError(f"--calib-seq-len {config.calib_seq_len} is beyond the model's context of {limit} tokens")
     ids = calibration_ids(tokenizer, config)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     if int(ids.max()) >= vocab:
         raise EdgetuneError(f"the tokenizer produced id {int(ids.max())} but the model has only {vocab} embeddings")
     blocks = decoder_blocks(model, arch)
