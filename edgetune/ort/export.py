@@ -395,6 +395,8 @@ def export_training(compiled_dir: str | os.PathLike, out: str | os.PathLike, *, 
         raise EdgetuneError(f"recipe {recipe!r} is not supported by the ORT export (supported: {', '.join(RECIPES)})")
     if getattr(cfg, "side", False):
         raise EdgetuneError("the ORT export does not handle S2A's side branch yet; compile with --no-side")
+    if getattr(cfg, "embed_nf4", False):
+        raise EdgetuneError("the ORT export does not handle NF4 embeddings yet; compile without --embed-nf4")
     if getattr(cfg, "dropout", 0.0):
         raise EdgetuneError(f"the ORT export needs --dropout 0 (this artifact has {cfg.dropout}): "
                             "a dropout mask would be baked into the graph")
