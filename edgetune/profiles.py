@@ -2,6 +2,12 @@
 
 Profiles ship as ``devices/*.toml`` (installed as ``edgetune.devices``). A user can also pass a
 path to their own TOML file. Every field is validated, and a bad one is named in the error.
+
+``cuda_context_mib`` is the one optional field: the memory the CUDA context and the cuBLAS/cuDNN
+handles take that ``usable_memory_gib`` does not already exclude. The planner adds it to the plan.
+Omitted, it is 512 on a CUDA profile (see ``edgetune/planner.py`` OVERHEAD for where 512 comes
+from) and 0 on a CPU one. Every shipped CUDA profile sets it to 0, because its reserve
+(total − usable) is chosen to hold the context: counting it in both places double-counted it.
 """
 from __future__ import annotations
 
@@ -29,10 +35,15 @@ class DeviceProfile:
     default_dtype: str
     memory_bandwidth_gbps: float
     peak_tflops: float
+    cuda_context_mib: float = 0.0  # optional in the TOML; see the module docstring
 
     @property
     def usable_bytes(self) -> int:
         return int(self.usable_memory_gib * 2**30)
+
+    @property
+    def cuda_context_bytes(self) -> int:
+        return int(self.cuda_context_mib * 2**20)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -41,6 +52,8 @@ class DeviceProfile:
 
 
 _NUMBER_FIELDS = ("total_memory_gib", "usable_memory_gib", "memory_bandwidth_gbps", "peak_tflops")
+_OPTIONAL = {"cuda_context_mib"}  # fields with a default (which depends on the accelerator)
+DEFAULT_CUDA_CONTEXT_MIB = 512.0
 
 
 def parse_profile(data: dict, origin: str) -> DeviceProfile:
@@ -49,9 +62,10 @@ def parse_profile(data: dict, origin: str) -> DeviceProfile:
         raise EdgetuneError(f"{origin}: a device profile must be a TOML table")
     values = {}
     for f in dataclasses.fields(DeviceProfile):
-        if f.name not in data:
+        if f.name in data:
+            values[f.name] = data[f.name]
+        elif f.name not in _OPTIONAL:
             raise EdgetuneError(f"{origin}: missing field {f.name!r}")
-        values[f.name] = data[f.name]
     extra = sorted(set(data) - set(values))
     if extra:
         raise EdgetuneError(f"{origin}: unknown field(s) {', '.join(extra)}")
@@ -67,6 +81,16 @@ def parse_profile(data: dict, origin: str) -> DeviceProfile:
         raise EdgetuneError(f"{origin}: field 'usable_memory_gib' exceeds 'total_memory_gib'")
     if values["accelerator"] not in ("cpu", "cuda"):
         raise EdgetuneError(f"{origin}: field 'accelerator' must be 'cpu' or 'cuda'")
+    cuda = values["accelerator"] == "cuda"
+    ctx = values.get("cuda_context_mib", DEFAULT_CUDA_CONTEXT_MIB if cuda else 0.0)
+    if isinstance(ctx, bool) or not isinstance(ctx, (int, float)) or not 0 <= ctx < values["total_memory_gib"] * 1024:
+        raise EdgetuneError(f"{origin}: field 'cuda_context_mib' must be a number of MiB from 0 to below the "
+                            f"total memory, got {ctx!r}")
+    if ctx and not cuda:
+        raise EdgetuneError(f"{origin}: field 'cuda_context_mib' must be 0 on a cpu profile (no CUDA context)")
+    if ctx / 1024 >= values["usable_memory_gib"]:
+        raise EdgetuneError(f"{origin}: field 'cuda_context_mib' leaves no usable memory")
+    values["cuda_context_mib"] = float(ctx)
     dtypes = values["dtypes"]
     if not isinstance(dtypes, list) or not dtypes or any(d not in DTYPES for d in dtypes):
         raise EdgetuneError(f"{origin}: field 'dtypes' must be a non-empty list of {', '.join(DTYPES)}")
