@@ -256,14 +256,24 @@ def devices_cmd(as_json):
               help="sketchtune: bits per code")
 @click.option("--groups-per-row", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True,
               help="sketchtune: column groups (tables) per output row")
+@click.option("--double-quant/--no-double-quant", default=None,
+              help="NF4 double quantization of the absmax values (default: the recipe's, on for qlora)")
+@click.option("--embed-nf4", is_flag=True, help="qlora/sketchtune: store the frozen embedding (and an untied "
+                                                "lm_head) in NF4")
+@click.option("--side/--no-side", default=None, help="s2a: the lite side branch (default: the recipe's, off)")
+@click.option("--side-dim", type=int, default=None, help="s2a: width of the side branch")
+@click.option("--side-every", type=int, default=None, help="s2a: the side reads every k-th block's input")
+@click.option("--bias/--no-bias", "s2a_bias", default=None, help="s2a: bias tuning (default: the recipe's, on)")
+@click.option("--prompt-len", type=int, default=None, help="s2a: low-rank prompt positions per block (0 = off)")
 @click.option("--seq-len", default=None, type=int, help="sequence length (default: the largest that fits)")
 @click.option("--batch", default=None, type=int, help="batch size (default: the largest that fits)")
 @click.option("--dtype", default=None, help="compute dtype (default: the profile's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--png", type=click.Path(), default=None, help="write the breakdown as a bar chart")
-def plan_cmd(model, device, recipe, rank, act_bits, bits, groups_per_row, seq_len, batch, dtype, as_json, png):
+def plan_cmd(model, device, recipe, rank, act_bits, bits, groups_per_row, double_quant, embed_nf4, side, side_dim,
+             side_every, s2a_bias, prompt_len, seq_len, batch, dtype, as_json, png):
     """Will MODEL fine-tune on DEVICE? Memory breakdown, and the batch/seq-len that fit."""
-    from .planner import RECIPES, JobSpec, ResNetShape, choose, format_bytes, shape_for
+    from .planner import RECIPES, ResNetShape, choose, format_bytes, job_from_options, shape_for
     from .profiles import load_profile
 
     shape = shape_for(model)
@@ -273,8 +283,10 @@ def plan_cmd(model, device, recipe, rank, act_bits, bits, groups_per_row, seq_le
     if recipe not in known:
         raise EdgetuneError(f"the planner knows recipes {', '.join(known)} for {model}, not {recipe!r}")
     profile = load_profile(device)
-    job = JobSpec(recipe, rank if recipe in ("lora", "qlora") else 0, dtype=dtype or profile.default_dtype,
-                  act_bits=int(act_bits), bits=int(bits), groups_per_row=int(groups_per_row))
+    job = job_from_options(recipe, rank=rank, dtype=dtype or profile.default_dtype, act_bits=int(act_bits),
+                           bits=int(bits), groups_per_row=int(groups_per_row), double_quant=double_quant,
+                           embed_nf4=embed_nf4, side=side, side_dim=side_dim, side_every=side_every,
+                           bias=s2a_bias, prompt_len=prompt_len, hidden=getattr(shape, "hidden", None))
     plan = choose(shape, job, profile, batch, seq_len)
     if png:
         from .plots import plot_plan

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .errors import EdgetuneError
 from .profiles import DeviceProfile
+from .s2a.loss import LOSS_LOGITS_BYTES, LOSS_MAX_ROWS, vocab_slice  # noqa: F401 (LOSS_LOGITS_BYTES: re-exported)
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -45,10 +46,19 @@ LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # bitsandbytes, measured here). CUDA: the context is 287 MB with CUDA's lazy module loading (the
 # PyTorch default since 1.13) vs 667 MB without (pytorch/pytorch#86509, a desktop GPU) and "around
 # 400MB" per a PyTorch maintainer (pytorch/pytorch#109888); no Jetson measurement was found. We
-# assume 512 MiB with cuBLAS/cuDNN handles, plus 8% for the caching allocator's rounding and
-# fragmentation (not measured here; lifespan-unaware allocators waste "up to 43%" under
-# recomputation and pipelining, arXiv:2507.16274, which plain LoRA training does not do).
-OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (512 * 2**20, 0.08)}
+# assume 512 MiB with cuBLAS/cuDNN handles (edgetune.profiles.DEFAULT_CUDA_CONTEXT_MIB), counted
+# once: the profile's ``cuda_context_mib`` is what the plan adds, and the shipped CUDA profiles set
+# it to 0 because their reserve (total - usable) already holds the context. On top, 8% for the
+# caching allocator's rounding and fragmentation (not measured here; lifespan-unaware allocators
+# waste "up to 43%" under recomputation and pipelining, arXiv:2507.16274, which plain LoRA
+# training does not do).
+OVERHEAD = {"cpu": (150 * 2**20, 0.06), "cuda": (0, 0.08)}  # (fixed bytes, fraction of the tensors)
+
+
+def overhead_bytes(profile: DeviceProfile, tensors: int) -> int:
+    """Runtime overhead on ``profile`` for ``tensors`` bytes of tensors: fixed + fraction + CUDA context."""
+    fixed, frac = OVERHEAD[profile.accelerator]
+    return int(fixed + profile.cuda_context_bytes + frac * tensors)
 # Forward intermediates that are freed but not yet reused when backward starts (sums, rotary and
 # MLP temporaries, the allocator's free lists): measured on the default model as 0.65-0.79 of the
 # saved-activation bytes across lora/qlora at 2x128 and 4x256 (benchmarks/planner_accuracy.py).
@@ -67,13 +77,87 @@ TRANSIENT_FRACTION = 0.72
 CUDA_TRANSIENT_BLOCKS = 2
 
 
-def transient_bytes(accelerator: str, uncompressed: int, per_block: int | None) -> int:
-    """Freed-but-held activation temporaries at the peak: the CPU fit, or the CUDA one-block model."""
+def transient_bytes(accelerator: str, uncompressed: int, per_block: int | None,
+                    blocks: int = CUDA_TRANSIENT_BLOCKS) -> int:
+    """Freed-but-held activation temporaries at the peak: the CPU fit, or the CUDA one-block model
+    (``blocks`` = 1 where no backward runs through the backbone: only its forward intermediates)."""
     if accelerator == "cuda" and per_block is not None:
-        return CUDA_TRANSIENT_BLOCKS * per_block
+        return blocks * per_block
     return int(TRANSIENT_FRACTION * uncompressed)
 RECIPES = ("lora", "qlora", "s2a", "sketchtune")  # the recipes the planner has formulas for
-LOSS_CHUNK_ROWS = 256  # edgetune.s2a.rewriter.LOSS_CHUNK: rows of logits alive at once in the chunked loss
+# The chunked loss head of the S2A rewrite (edgetune/s2a/loss.py, imported: one source for the
+# sizes) is one vocab-sliced online-softmax pass over row chunks of at most LOSS_MAX_ROWS rows,
+# each vocab slice's fp32 logits kept near LOSS_LOGITS_BYTES (vocab_slice).
+# quant/nf4.py _BNB_DEQUANT_MIN_NUMEL: dequantize_nf4 takes bitsandbytes' kernel for tensors of at
+# least this many values, and only on the CPU; below it, and on every CUDA tensor, the torch reference.
+NF4_BNB_MIN_NUMEL = 1 << 18
+# edgetune/methods/embedding.py HEAD_SLICE_BYTES: the plain-forward NF4 LM head decodes
+# HEAD_SLICE_BYTES / (4·C) rows at a time (act-bits 16, where HF's own loss runs).
+NF4_HEAD_SLICE_BYTES = 64 * 2**20
+
+
+def nf4_decode_bytes(numel: int, a: int, accelerator: str, blocksize: int = 64) -> int:
+    """Peak bytes while ``dequantize_nf4`` (quant/nf4.py) decodes ``numel`` weights to a dtype of
+    ``a`` bytes. Both of its paths decode in float32 and then cast: the torch reference (CUDA, and
+    small CPU tensors) holds the float32 levels, their float32 product with the absmax and the cast
+    result at once, (8 + a)·n; bitsandbytes' CPU kernel its float32 output and the cast, (4 + a)·n.
+    Casting to float32 is free (no copy). Plus the block absmax decoded to float32. Measured per byte
+    with a live-storage tracker in tests/test_planner_workspace.py."""
+    cast = a if a != 4 else 0
+    per = 4 if accelerator == "cpu" and numel >= NF4_BNB_MIN_NUMEL else 8
+    return numel * (per + cast) + 4 * -(-numel // blocksize)
+
+
+def loss_workspace_bytes(shape: "ModelShape", job: "JobSpec", batch: int, seq_len: int,
+                         accelerator: str = "cuda") -> int:
+    """Peak bytes alive inside the loss head beyond what it saves for backward (its dh (N, C)).
+
+    act-bits 16 runs HF's own loss: the fp32 logits and the softmax gradient, (N, V) each (and an NF4
+    head decodes one slice of rows at a time on top). The S2A head (act-bits 8/4) walks row chunks of
+    ``r = min(B·(T-1), LOSS_MAX_ROWS)`` and within a chunk vocab slices of
+    ``vs = min(V, max(256, LOSS_LOGITS_BYTES // (4·r)))``. What is alive, read off
+    ``edgetune/s2a/loss.py`` and measured per byte in tests/test_planner_workspace.py:
+
+    * always the fp32 accumulator (r, C) and the fp32 logits slice (r, vs);
+    * in a compute dtype other than fp32, the bf16/fp16 copy of the softmax slice fed to the matmul,
+      the matmul's (r, C) result in that dtype and its fp32 cast (fp32 makes neither copy);
+    * from the second slice on, the previous slice's logits (and decoded weight) until the new ones
+      replace them: the new logits are made while the old are still bound;
+    * for an NF4 head (``embed_nf4``) the decoded slice (vs, C) in the compute dtype, and while it is
+      decoded the decoder's float32 intermediates (:func:`nf4_decode_bytes`);
+    * at a chunk's end the accumulator, W[y] in fp32 and their difference, (r, C) fp32 each;
+    * for batch > 1, the hidden states and labels reshaped to rows (``hidden[:, :-1]`` is not
+      contiguous then: a (B·(T-1), C) copy, and an int64 label copy), for the whole loss.
+    """
+    a = DTYPE_BYTES[job.dtype]
+    c, vocab = shape.hidden, shape.vocab
+    if job.act_bits == 16:
+        head = NF4_HEAD_SLICE_BYTES // (4 * c) if job.embed_nf4 else 0
+        decode = nf4_decode_bytes(min(head, vocab) * c, a, accelerator, job.blocksize) if head else 0
+        return 2 * batch * seq_len * vocab * 4 + decode
+    n_rows = batch * (seq_len - 1)
+    r = min(n_rows, LOSS_MAX_ROWS)
+    vs = vocab_slice(r, vocab)
+    cast = a if a != 4 else 0  # a bf16/fp16 copy; none in fp32
+    acc = r * c * 4
+    coded = job.embed_nf4
+    w = vs * c * a if coded else 0  # the current decoded slice
+    slices = -(-vocab // vs)
+    later = ([vs] if slices >= 3 else []) + ([vocab - (slices - 1) * vs] if slices >= 2 else [])  # after the first
+    moments = [
+        r * vs * 4 + r * vs * cast + r * c * a + acc + w,  # softmax slice, its cast, the matmul result
+        r * vs * 4 + r * c * a + r * c * cast + acc + w,  # the matmul result and its fp32 cast
+        3 * acc,  # end of chunk: dh accumulator, W[y] in fp32, their difference
+    ]
+    if coded:
+        moments.append(nf4_decode_bytes(vs * c, a, accelerator, job.blocksize) + acc)  # the first slice
+    prev = r * vs * 4  # a later slice is made while the previous (full) one's logits are still bound
+    for size in later:
+        moments.append(prev + r * size * (4 + cast) + acc + (size * c * a if coded else 0))  # its new logits
+        if coded:  # its decode, the previous decoded slice still bound too
+            moments.append(prev + w + nf4_decode_bytes(size * c, a, accelerator, job.blocksize) + acc)
+    copies = (n_rows * c * a + n_rows * 8) if batch > 1 else 0
+    return max(moments) + copies
 
 
 @dataclass(frozen=True)
@@ -262,7 +346,7 @@ class JobSpec:
     r: int = 16
     targets: tuple[str, ...] = LLAMA_PROJ
     blocksize: int = 64
-    double_quant: bool = False
+    double_quant: bool = True  # the qlora default (QLoraConfig.double_quant); s2a's config says its own
     dtype: str = "float32"
     act_bits: int = 16  # the S2A rewrite: 16 = none, 8 or 4 = compressed saved activations
     gate_code4: bool = False  # S2A: 4-bit derivative code + 8-bit f(g) for the gated MLP's gate
@@ -274,6 +358,13 @@ class JobSpec:
     bits: int = 4
     groups_per_row: int = 4
     train_norms: bool = False
+    # qlora / sketchtune: the frozen input embedding (and an untied lm_head) stored in NF4
+    # (edgetune/methods/embedding.py), with the recipe's blocksize and double quantization
+    embed_nf4: bool = False
+    # recipe "s2a": the lite side branch (edgetune/methods/s2a/side.py)
+    side: bool = False
+    side_dim: int = 64
+    side_every: int = 1
 
 
 @dataclass
@@ -302,10 +393,56 @@ def _lora_rank(job: JobSpec) -> int:
     return job.r if job.recipe in ("lora", "qlora") else 0
 
 
+NF4_DQ_BLOCK = 256  # quant/nf4.py DQ_BLOCKSIZE: absmax values per float32 scale under double quantization
+
+
+def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    """Stored bytes of one NF4 tensor of ``numel`` weights, as ``quant/nf4.py`` lays it out
+    (``NF4Weight.tensor_specs``): 4-bit codes, two per byte (an odd count padded), and per block of
+    ``blocksize`` a float32 absmax or, with double quantization, a uint8 code per block plus a
+    float32 scale per 256 blocks, the 256-entry float32 code book and one float32 offset."""
+    blocks = -(-numel // blocksize)
+    packed = -(-numel // 2)
+    if double_quant:
+        return packed + blocks + 4 * -(-blocks // NF4_DQ_BLOCK) + 4 * 256 + 4
+    return packed + 4 * blocks
+
+
 def _q8(numel: int) -> int:
     """Bytes of one tensor saved as 8-bit groups of 64 (codes + float32 min and scale per group)."""
     groups = -(-numel // 64)
     return groups * 64 + groups * 8
+
+
+def side_blocks(shape: ModelShape, job: JobSpec) -> int:
+    """Side blocks of the s2a lite side branch: one per ``side_every``-th decoder input
+    (``range(0, L, every)``, edgetune/methods/s2a/model.py) plus one for the final hidden state."""
+    return -(-shape.layers // job.side_every) + 1 if job.recipe == "s2a" and job.side else 0
+
+
+def side_saved_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: int) -> int:
+    """What the side branch saves: each ``SideMLP`` its input u (N, d) (it recomputes W1·u and silu in
+    backward) and the up-projection its input s (N, d), in the compute dtype at every act-bits (the
+    S2A rewrite does not touch the side). The pooled inputs are detached: the backbone saves nothing
+    for the side. Per token (n_side + 1)·d·dtype bytes."""
+    n_side = side_blocks(shape, job)
+    return (n_side + 1) * batch * seq_len * job.side_dim * DTYPE_BYTES[job.dtype] if n_side else 0
+
+
+def _backbone_records(job: JobSpec) -> bool:
+    """False for a side-only s2a job: nothing in the backbone trains and the side's inputs are
+    detached, so autograd records no backbone op; only the final norm (its input h_L + U·s now needs
+    a gradient) and the loss head save anything."""
+    return not (job.recipe == "s2a" and not job.s2a_bias and not job.s2a_prompt[0])
+
+
+def _with_side(out: dict[str, int], shape: ModelShape, job: JobSpec, batch: int, seq_len: int,
+               final_norm: int) -> dict[str, int]:
+    if not _backbone_records(job):
+        out.update(norms=final_norm, lora_inputs=0, attention=0, mlp=0)
+    if side_blocks(shape, job):
+        out["side"] = side_saved_bytes(shape, job, batch, seq_len)
+    return out
 
 
 def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: int) -> dict[str, int]:
@@ -337,7 +474,8 @@ def lean_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: 
     lora = 0 if s2a else shape.layers * (lora_in + n * _lora_rank(job) * len(t) * a)
     rows = batch * (seq_len - 1)
     loss = rows * d * a  # dh (N, C): the chunked head takes its gradient in forward (edgetune.s2a.loss)
-    return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
+    return _with_side({"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss},
+                      shape, job, batch, seq_len, norm)
 
 
 def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len: int) -> dict[str, int]:
@@ -366,7 +504,8 @@ def saved_activation_bytes(shape: ModelShape, job: JobSpec, batch: int, seq_len:
     mlp = rest * 3 * n * f * a + first_mlp
     lora = 0 if s2a else shape.layers * (lora_in + n * _lora_rank(job) * len(t) * a)
     loss = n * shape.vocab * 4 + n * 8 + 4  # fp32 log-probs, int64 labels, nll_loss's fp32 total_weight
-    return {"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss}
+    return _with_side({"norms": norms, "lora_inputs": lora, "attention": attention, "mlp": mlp, "loss_head": loss},
+                      shape, job, batch, seq_len, norm)
 
 
 def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
@@ -384,8 +523,7 @@ def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
     for name, (o, i) in linears.items():
         numel = o * i * shape.layers
         if (job.recipe == "qlora" or (job.recipe == "s2a" and job.s2a_nf4)) and name in job.targets:
-            blocks = -(-o * i // job.blocksize) * shape.layers
-            frozen += numel // 2 + (blocks + 4 * blocks // 256 if job.double_quant else 4 * blocks)
+            frozen += nf4_bytes(o * i, job.blocksize, job.double_quant) * shape.layers  # one NF4Weight per layer
         elif job.recipe == "sketchtune" and name in job.targets:
             table = o * job.groups_per_row * (1 << job.bits) * shape.layers
             frozen += o * -(-i * job.bits // 8) * shape.layers + 2 * table  # packed codes + fp16 table_init
@@ -393,13 +531,21 @@ def weight_bytes(shape: ModelShape, job: JobSpec) -> tuple[int, int]:
         else:
             frozen += numel * a
     norms = (2 * shape.layers + 1) * shape.hidden * a
-    frozen += (shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.layers * shape.bias_numel) * a + norms
+    tables = 1 if shape.tied else 2  # the input embedding, and an untied lm_head
+    if job.embed_nf4:  # NF4 in the linears' layout; a tied head is the embedding itself, stored once
+        frozen += tables * nf4_bytes(shape.vocab * shape.hidden, job.blocksize, job.double_quant)
+    else:
+        frozen += tables * shape.vocab * shape.hidden * a
+    frozen += shape.layers * shape.bias_numel * a + norms
     frozen += 2 * (shape.head_dim // 2) * 4  # the rotary embedding's fp32 inv_freq and original_inv_freq buffers
     if job.recipe == "s2a":
         length, rank = job.s2a_prompt
         per_block = (sum(o for o, _ in linears.values()) + 2 * shape.hidden) * job.s2a_bias
         per_block += (length * rank + rank * shape.hidden) if length else 0
-        return frozen, per_block * shape.layers * a
+        # the side branch: per side block fc1 and fc2 (d x d + bias each), and the up-projection U (C x d)
+        d = job.side_dim
+        side = side_blocks(shape, job) * (2 * d * d + 2 * d) + (d * shape.hidden if job.side else 0)
+        return frozen, (per_block * shape.layers + side) * a
     if job.recipe == "sketchtune":
         if job.train_norms:
             frozen, trainable = frozen - norms, trainable + norms
@@ -469,8 +615,7 @@ def vit_weight_bytes(shape: VitShape, job: "JobSpec") -> tuple[int, int]:
     frozen = shape.frozen_numel() * a
     for name, (o, i) in shape.linear_shapes().items():
         if job.recipe == "qlora" and name in t:
-            blocks = -(-o * i // job.blocksize)
-            frozen += shape.layers * (o * i // 2 + (blocks + 4 * blocks // 256 if job.double_quant else 4 * blocks))
+            frozen += shape.layers * nf4_bytes(o * i, job.blocksize, job.double_quant)
         else:
             frozen += shape.layers * o * i * a
     lora = sum(job.r * (o + i) for n, (o, i) in shape.linear_shapes().items() if n in t) * shape.layers
@@ -558,6 +703,8 @@ def resnet_walk(shape: ResNetShape, batch: int, a: int, recipe: str = "full", ac
 
 
 def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "Plan":
+    if job.embed_nf4:
+        raise EdgetuneError("--embed-nf4 applies to language models: image models have no token embedding")
     a = DTYPE_BYTES[job.dtype]
     if isinstance(shape, ResNetShape):
         walk = resnet_walk(shape, batch, a, job.recipe, job.act_bits)
@@ -579,7 +726,8 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         per_block = (uncompressed - plain_vit["head"]) // shape.layers
         frozen, trainable = vit_weight_bytes(shape, job)
         n, d = batch * shape.tokens, shape.hidden
-        dequant = shape.hidden * shape.ffn * a if job.recipe == "qlora" else 0
+        dequant = nf4_decode_bytes(shape.hidden * shape.ffn, a, profile.accelerator, job.blocksize) \
+            if job.recipe == "qlora" else 0
         workspace = {"attention_workspace": 4 * n * d * a + dequant}
         lin = shape.layers * sum(o * i for o, i in shape.linear_shapes().values())
         flops = 2 * (2 * n * lin + 4 * batch * shape.tokens ** 2 * d * shape.layers)  # forward + input grads
@@ -587,8 +735,7 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
                   "activations": sum(acts.values()),
                   "activation_transients": transient_bytes(profile.accelerator, uncompressed, per_block),
                   **workspace}
-    fixed, frac = OVERHEAD[profile.accelerator]
-    components["overhead"] = int(fixed + frac * sum(components.values()))
+    components["overhead"] = overhead_bytes(profile, sum(components.values()))
     total = sum(components.values())
     step = flops / (profile.peak_tflops * 1e12 * 0.5) + 2 * (frozen + trainable) / (profile.memory_bandwidth_gbps * 1e9)
     return Plan(total <= profile.usable_bytes, profile.usable_bytes, total, batch, shape.tokens, components, acts,
@@ -631,32 +778,41 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
         return _vision_plan(shape, job, profile, batch)
     frozen, trainable = weight_bytes(shape, job)
     acts = saved_activation_bytes(shape, job, batch, seq_len)
-    plain = saved_activation_bytes(shape, dataclasses.replace(job, act_bits=16), batch, seq_len)
+    # The forward's intermediates are full precision whatever backward keeps of them; a side-only
+    # s2a job saves nothing in the backbone but its forward still makes the same ones.
+    plain = saved_activation_bytes(shape, dataclasses.replace(job, act_bits=16, side=False,
+                                                              s2a_bias=job.s2a_bias or not _backbone_records(job)),
+                                   batch, seq_len)
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # Transients at the peak (start of backward): the loss head's softmax gradient and logits,
     # and one block's attention gradients; for qlora one projection's dequantized weight.
-    loss_ws = 2 * (n if job.act_bits == 16 else min(n, LOSS_CHUNK_ROWS)) * shape.vocab * 4
+    loss_ws = loss_workspace_bytes(shape, job, batch, seq_len, profile.accelerator)
     attn_ws = n * (2 * qd + 2 * kvd) * a
-    # qlora dequantizes, sketchtune gathers, one dense projection at a time (forward and backward)
-    dequant_ws = max(o * i for o, i in shape.linear_shapes().values()) * a if job.recipe in ("qlora", "sketchtune") else 0
+    # qlora (and s2a on an NF4 base) dequantizes, sketchtune gathers, one dense projection at a time;
+    # the NF4 decoder's float32 intermediates are alive while it decodes (nf4_decode_bytes)
+    largest = max((o * i for n, (o, i) in shape.linear_shapes().items() if n in job.targets), default=0)
+    if job.recipe == "qlora" or (job.recipe == "s2a" and job.s2a_nf4):
+        dequant_ws = nf4_decode_bytes(largest, a, profile.accelerator, job.blocksize)
+    else:
+        dequant_ws = largest * a if job.recipe == "sketchtune" else 0
     components = {
         "weights": frozen,
         "trainable": trainable,
         "gradients": trainable,
         "optimizer": 2 * trainable,
         "activations": sum(acts.values()),
-        # the forward's freed intermediates are full precision whatever backward keeps of them
         "activation_transients": transient_bytes(profile.accelerator, sum(plain.values()),
-                                                 (sum(plain.values()) - plain["loss_head"]) // shape.layers),
+                                                 (sum(plain.values()) - plain["loss_head"]) // shape.layers,
+                                                 CUDA_TRANSIENT_BLOCKS if _backbone_records(job) else 1),
         "attention_workspace": attn_ws + dequant_ws,
         "loss_workspace": loss_ws,
     }
-    fixed, frac = OVERHEAD[profile.accelerator]
-    components["overhead"] = int(fixed + frac * sum(components.values()))
+    components["overhead"] = overhead_bytes(profile, sum(components.values()))
     total = sum(components.values())
-    flops = 2 * n * (shape.params - shape.vocab * shape.hidden * (0 if shape.tied else 1)) * 2  # fwd + grad_input
+    # forward + input gradients; a side-only s2a job runs no backbone backward (autograd recorded none)
+    flops = 2 * n * (shape.params - shape.vocab * shape.hidden * (0 if shape.tied else 1)) * (2 if _backbone_records(job) else 1)
     step = flops / (profile.peak_tflops * 1e12 * 0.5) + 2 * (frozen + trainable) / (profile.memory_bandwidth_gbps * 1e9)
     return Plan(total <= profile.usable_bytes, profile.usable_bytes, total, batch, seq_len, components, acts,
                 profile.name, job.recipe, round(step, 3), step_flops=int(flops))
@@ -705,6 +861,17 @@ def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int,
         return "use --act-bits 4 (compressed saved activations)"
     if job.recipe == "lora" and plan_job(shape, dataclasses.replace(job, recipe="qlora"), profile, batch, seq_len).fits:
         return "use --recipe qlora (NF4 base weights)"
+    # NF4 embeddings (qlora, sketchtune): before any shorter sequence, which changes the task itself
+    embed = "use --embed-nf4 (NF4 embedding" + (")" if shape.tied else " and lm_head)")
+    if job.recipe in ("qlora", "sketchtune") and not job.embed_nf4:
+        nf4 = dataclasses.replace(job, embed_nf4=True)
+        if plan_job(shape, nf4, profile, batch, seq_len).fits:
+            return embed
+        if job.act_bits != 4 and plan_job(shape, dataclasses.replace(nf4, act_bits=4), profile, batch, seq_len).fits:
+            return "use --act-bits 4 --embed-nf4"
+    if job.recipe == "lora" and plan_job(shape, dataclasses.replace(job, recipe="qlora", embed_nf4=True), profile,
+                                         batch, seq_len).fits:
+        return "use --recipe qlora --embed-nf4"
     for t in sorted((s for s in _seq_candidates(shape.context) if s < seq_len), reverse=True):
         if plan_job(shape, job, profile, 1, t).fits:
             return f"use --batch 1 --seq-len {t}"
@@ -713,6 +880,49 @@ def suggest(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int,
             if plan_job(shape, dataclasses.replace(job, recipe="qlora"), profile, 1, t).fits:
                 return f"use --recipe qlora --batch 1 --seq-len {t}"
     return "no setting fits this device; choose a smaller model or a device with more memory"
+
+
+# Each recipe's compile-time default for NF4 double quantization (QLoraConfig / S2AConfig; a test
+# keeps these equal), so that ``plan`` without --double-quant plans what ``compile`` would build.
+DOUBLE_QUANT_DEFAULT = {"qlora": True, "s2a": False}
+
+
+def job_from_options(recipe: str, *, dtype: str, act_bits: int = 16, rank: int = 16, bits: int = 4,
+                     groups_per_row: int = 4, double_quant: bool | None = None, embed_nf4: bool = False,
+                     side: bool | None = None, side_dim: int | None = None, side_every: int | None = None,
+                     bias: bool | None = None, prompt_len: int | None = None, hidden: int | None = None) -> JobSpec:
+    """The job ``edgetune plan`` describes: options a recipe does not have are refused, and those not
+    given take the recipe's compile-time defaults."""
+    s2a_opts = {"--side": side, "--side-dim": side_dim, "--side-every": side_every, "--bias": bias,
+                "--prompt-len": prompt_len}
+    foreign = [k for k, v in s2a_opts.items() if v is not None] if recipe != "s2a" else []
+    if embed_nf4 and recipe not in ("qlora", "sketchtune"):
+        foreign.append("--embed-nf4")
+    if double_quant is not None and recipe not in ("qlora", "s2a") and not (recipe == "sketchtune" and embed_nf4):
+        foreign.append("--double-quant")
+    if foreign:
+        raise EdgetuneError(f"recipe {recipe!r} has no option(s) {', '.join(foreign)}")
+    dq = DOUBLE_QUANT_DEFAULT.get(recipe, JobSpec.double_quant) if double_quant is None else double_quant
+    job = JobSpec(recipe, rank if recipe in ("lora", "qlora") else 0, dtype=dtype, act_bits=act_bits,
+                  double_quant=dq, bits=bits, groups_per_row=groups_per_row, embed_nf4=embed_nf4)
+    if embed_nf4 and hidden is not None and hidden % job.blocksize:
+        raise EdgetuneError(f"--embed-nf4 needs the hidden size ({hidden}) to be a multiple of the NF4 block size "
+                            f"({job.blocksize}), so that rows decode on their own")
+    if recipe != "s2a":
+        return job
+    from .methods.s2a.config import S2AConfig  # the runtime's own validation (imports torch: s2a plans only)
+
+    given = {k: v for k, v in dict(side=side, side_dim=side_dim, side_every=side_every, bias=bias,
+                                   prompt_len=prompt_len).items() if v is not None}
+    try:
+        cfg = S2AConfig(double_quant=dq, **given)
+    except ValueError as exc:
+        raise EdgetuneError(f"s2a: {exc}") from None
+    if cfg.side and hidden is not None and not 1 <= cfg.side_dim <= hidden:
+        raise EdgetuneError(f"--side-dim must be in [1, hidden size {hidden}], got {cfg.side_dim}")
+    return dataclasses.replace(job, blocksize=cfg.blocksize, s2a_bias=cfg.bias, s2a_prompt=(cfg.prompt_len,
+                               cfg.prompt_rank), s2a_nf4=cfg.base == "nf4", side=cfg.side, side_dim=cfg.side_dim,
+                               side_every=cfg.side_every)
 
 
 def job_for(model) -> JobSpec | None:
@@ -726,16 +936,19 @@ def job_for(model) -> JobSpec | None:
     if info.recipe == "s2a":
         return JobSpec("s2a", 0, tuple(arch_for(model.config).linear_names), cfg.blocksize, cfg.double_quant,
                        info.dtype, info.compression.act_bits, info.compression.gate_code4, cfg.bias,
-                       (cfg.prompt_len, cfg.prompt_rank), cfg.base == "nf4")
+                       (cfg.prompt_len, cfg.prompt_rank), cfg.base == "nf4", side=cfg.side, side_dim=cfg.side_dim,
+                       side_every=cfg.side_every)
 
     targets = cfg.resolve_targets(arch_for(model.config).linear_names)
     if info.recipe == "sketchtune":
-        return JobSpec("sketchtune", 0, tuple(targets), dtype=info.dtype, act_bits=info.compression.act_bits,
-                       gate_code4=info.compression.gate_code4, bits=cfg.bits, groups_per_row=cfg.groups_per_row,
-                       train_norms=cfg.train_norms)
+        return JobSpec("sketchtune", 0, tuple(targets), getattr(cfg, "blocksize", 64),
+                       getattr(cfg, "double_quant", JobSpec.double_quant), dtype=info.dtype,
+                       act_bits=info.compression.act_bits, gate_code4=info.compression.gate_code4, bits=cfg.bits,
+                       groups_per_row=cfg.groups_per_row, train_norms=cfg.train_norms,
+                       embed_nf4=getattr(cfg, "embed_nf4", False))
     return JobSpec(info.recipe, cfg.r, tuple(targets), getattr(cfg, "blocksize", 64),
                    getattr(cfg, "double_quant", False), info.dtype, info.compression.act_bits,
-                   info.compression.gate_code4)
+                   info.compression.gate_code4, embed_nf4=getattr(cfg, "embed_nf4", False))
 
 
 def plan_for_model(model, batch: int | None = None, seq_len: int | None = None) -> Plan | None:

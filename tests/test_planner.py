@@ -130,3 +130,34 @@ def test_out_of_memory_advice_comes_from_the_plan(tmp_path):
     assert advice.startswith("the plan agrees") and "--act-bits 4" in advice
     fits = oom_advice(TrainConfig(steps=1, batch=2, seq_len=32), model)
     assert "--batch 1" in fits and "less memory is free" in fits
+
+
+def test_plan_cli_recipe_options(capsys):
+    """--double-quant follows the recipe's compile default; options of another recipe are refused."""
+    def plan(*args):
+        assert main(["plan", "llama-3.2-1b", "--device", "jetson-orin-nano-8gb", "--batch", "1", "--seq-len", "256",
+                     "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    dq, plain = plan(), plan("--no-double-quant")
+    assert dq["components"]["weights"] < plain["components"]["weights"]
+    assert plan("--double-quant")["components"] == dq["components"]  # on by default for qlora
+    nf4 = plan("--embed-nf4")
+    assert nf4["components"]["weights"] < dq["components"]["weights"]
+    side = plan("--recipe", "s2a", "--side", "--side-dim", "32")
+    assert side["activations"]["side"] > 0 and "side" not in plan("--recipe", "s2a")["activations"]
+    for bad in (["--recipe", "lora", "--embed-nf4"], ["--recipe", "qlora", "--side"], ["--recipe", "s2a", "--no-bias",
+                "--prompt-len", "0"], ["--recipe", "s2a", "--side", "--side-dim", "5000"], ["--recipe", "s2a",
+                "--embed-nf4"]):
+        assert main(["plan", "llama-3.2-1b", *bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "edgetune: error" in err, (bad, err)
+    assert main(["plan", "vit-b-16", "--embed-nf4"]) == 2 and "no token embedding" in capsys.readouterr().err
+
+
+def test_double_quant_defaults_follow_the_recipes():
+    from edgetune.methods.qlora.config import QLoraConfig
+    from edgetune.methods.s2a.config import S2AConfig
+    from edgetune.planner import DOUBLE_QUANT_DEFAULT
+
+    assert DOUBLE_QUANT_DEFAULT == {"qlora": QLoraConfig.double_quant, "s2a": S2AConfig.double_quant}

@@ -32,19 +32,32 @@ def test_cuda_transients_are_one_block_and_do_not_grow_with_depth():
 
 
 def test_jetson_targets_as_planned():
-    """Where the issue's Jetson targets stand with the CUDA model (see the README's planner section).
+    """Where the issue's Jetson targets stand with the CUDA model (see the README's planner section):
+    qlora at act-bits 4 as compiled by default (double quantization), the CUDA context counted once
+    (inside the profile's reserve), the NF4 decoder's float32 intermediates counted.
 
-    llama-2-7b qlora act-bits 4 fits at seq-len 256 (target 512); llama-3.2-3b at 1024 (target
-    2048). What is left at the targets is the saved activations and the weights, not transients.
+    llama-3.2-3b fits at seq-len 1024, and at 2048 with NF4 embeddings (its tied 128256 x 3072
+    table is 0.73 GiB in bf16). llama-2-7b fits at 256: at 512 it misses by less than the float32
+    intermediates of one decoded down_proj (dequantize_nf4 on CUDA holds the float32 levels and
+    their product with the absmax next to the bf16 result: 10 bytes per weight, 433 MiB for
+    11008 x 4096), so a decoder writing straight into the compute dtype would make it fit.
     """
     nano = load_profile("jetson-orin-nano-8gb")
     job = JobSpec("qlora", dtype="bfloat16", act_bits=4)
-    for model, fits_at, target in (("llama-2-7b", 256, 512), ("llama-3.2-3b", 1024, 2048)):
+    for model, embed, fits_at in (("llama-2-7b", False, 256), ("llama-3.2-3b", False, 1024),
+                                  ("llama-3.2-3b", True, 2048)):
         shape = shape_for(model)
-        assert choose(shape, job, nano, 1).seq_len == fits_at
-        miss = choose(shape, job, nano, 1, target)
+        j = dataclasses.replace(job, embed_nf4=embed)
+        assert choose(shape, j, nano, 1).seq_len == fits_at
+        miss = choose(shape, j, nano, 1, 2 * fits_at)
         assert not miss.fits
         c = miss.components
         assert c["activation_transients"] < 0.2 * c["activations"]
-        # even with no transients and no overhead at all the saved bytes and weights leave < 1 GiB
-        assert c["weights"] + c["activations"] > 0.8 * miss.budget_bytes
+        assert c["weights"] + c["activations"] > 0.6 * miss.budget_bytes
+    shape = shape_for("llama-2-7b")
+    miss = choose(shape, job, nano, 1, 512)
+    largest = max(o * i for o, i in shape.linear_shapes().values())
+    assert 0 < miss.total_bytes - miss.budget_bytes < 8 * largest  # the decoder's float32 intermediates
+    # the 3B miss at 2048 is named with the cheapest fix: NF4 embeddings, not a shorter sequence
+    miss = choose(shape_for("llama-3.2-3b"), job, nano, 1, 2048)
+    assert not miss.fits and miss.suggestion == "use --embed-nf4 (NF4 embedding)"

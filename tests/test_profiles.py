@@ -79,3 +79,37 @@ def test_broken_toml_and_missing_file(tmp_path):
         load_profile(str(bad))
     with pytest.raises(EdgetuneError, match="no such device profile file"):
         load_profile(str(tmp_path / "none.toml"))
+
+
+def test_cuda_context_is_counted_once(tmp_path):
+    """Shipped CUDA profiles hold the context in their reserve (0 here); a user profile without the
+    field gets the 512 MiB default on top of the tensors; a CPU profile has none."""
+    from edgetune.planner import JobSpec, choose, shape_for
+
+    profiles = builtin_profiles()
+    for p in profiles.values():
+        assert p.cuda_context_mib == 0, p.name  # CPU: no context; CUDA: inside total - usable
+    nano = tomllib.loads((resources.files("edgetune.devices") / "jetson-orin-nano-8gb.toml").read_text())
+    del nano["cuda_context_mib"]
+    own = load_profile(str(_write(tmp_path, nano)))
+    assert own.cuda_context_mib == 512 and own.cuda_context_bytes == 512 * 2**20
+    shape, job = shape_for("smollm2-135m"), JobSpec("qlora", dtype="bfloat16", act_bits=4)
+    a = choose(shape, job, profiles["jetson-orin-nano-8gb"], 1, 256)
+    b = choose(shape, job, own, 1, 256)
+    assert b.components["overhead"] - a.components["overhead"] == 512 * 2**20
+    assert b.total_bytes - a.total_bytes == 512 * 2**20
+
+
+@pytest.mark.parametrize("value,needle", [
+    (-1, "cuda_context_mib"),
+    ("big", "cuda_context_mib"),
+    (True, "cuda_context_mib"),
+    (8 * 1024, "cuda_context_mib"),  # the whole device
+    (6.5 * 1024, "leaves no usable memory"),
+])
+def test_invalid_cuda_context_is_named(tmp_path, value, needle):
+    nano = tomllib.loads((resources.files("edgetune.devices") / "jetson-orin-nano-8gb.toml").read_text())
+    with pytest.raises(EdgetuneError, match=needle):
+        load_profile(str(_write(tmp_path, nano | {"cuda_context_mib": value})))
+    with pytest.raises(EdgetuneError, match="cuda_context_mib.*cpu"):
+        load_profile(str(_write(tmp_path, _cpu_table() | {"cuda_context_mib": 256})))
