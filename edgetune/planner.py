@@ -728,7 +728,7 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         n, d = batch * shape.tokens, shape.hidden
         dequant = nf4_decode_bytes(shape.hidden * shape.ffn, a, profile.accelerator, job.blocksize) \
             if job.recipe == "qlora" else 0
-        workspace = {"attention_workspace": 4 * n * d * a + dequant}
+        workspace = {"attention_workspace": 4 * n * d * a, "weight_workspace": dequant}
         lin = shape.layers * sum(o * i for o, i in shape.linear_shapes().values())
         flops = 2 * (2 * n * lin + 4 * batch * shape.tokens ** 2 * d * shape.layers)  # forward + input grads
     components = {"weights": frozen, "trainable": trainable, "gradients": trainable, "optimizer": 2 * trainable,
@@ -786,8 +786,8 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
     n = batch * seq_len
     a = DTYPE_BYTES[job.dtype]
     qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    # Transients at the peak (start of backward): the loss head's softmax gradient and logits,
-    # and one block's attention gradients; for qlora one projection's dequantized weight.
+    # Transients at the peak (start of backward): the loss head's workspace (loss_workspace_bytes),
+    # one block's attention gradients, and one projection's decoded or gathered weight.
     loss_ws = loss_workspace_bytes(shape, job, batch, seq_len, profile.accelerator)
     attn_ws = n * (2 * qd + 2 * kvd) * a
     # qlora (and s2a on an NF4 base) dequantizes, sketchtune gathers, one dense projection at a time;
@@ -806,7 +806,8 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
         "activation_transients": transient_bytes(profile.accelerator, sum(plain.values()),
                                                  (sum(plain.values()) - plain["loss_head"]) // shape.layers,
                                                  CUDA_TRANSIENT_BLOCKS if _backbone_records(job) else 1),
-        "attention_workspace": attn_ws + dequant_ws,
+        "attention_workspace": attn_ws,
+        "weight_workspace": dequant_ws,  # one decoded (qlora, s2a nf4) or gathered (sketchtune) projection
         "loss_workspace": loss_ws,
     }
     components["overhead"] = overhead_bytes(profile, sum(components.values()))
