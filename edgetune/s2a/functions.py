@@ -10,6 +10,7 @@ The compression formats live in :mod:`edgetune.quant.actpack`; the derivative ta
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -74,6 +75,27 @@ def _save_int8(q: Int8Groups) -> tuple[torch.Tensor, ...]:
 
 def _load_int8(codes, lo, scale, shape, dtype) -> torch.Tensor:
     return dequantize_int8_groups(Int8Groups(codes, lo, scale, shape, dtype))
+
+
+# The backward of q, k and v (gate and up; o_proj and the attention) dequantize the same shared
+# codes one right after another: the last dequantized shared input is kept for the next reader.
+# The entry holds its codes, so their storage can't be freed and reused under the same address;
+# it is replaced by the next shared input and dropped by the next forward.
+_LAST_SHARED: list = []
+
+
+def load_int8_shared(codes, lo, scale, shape, dtype) -> torch.Tensor:
+    """:func:`_load_int8` of codes saved by several consumers (:func:`int8_shared`). Read-only result."""
+    key = (codes.data_ptr(), codes._version, math.prod(shape), dtype)  # readers may see other shapes (views)
+    if _LAST_SHARED and _LAST_SHARED[0] == key:
+        return _LAST_SHARED[2].view(shape)
+    x = _load_int8(codes, lo, scale, shape, dtype)
+    _LAST_SHARED[:] = [key, codes, x]
+    return x
+
+
+def forget_shared() -> None:
+    _LAST_SHARED.clear()
 
 
 def _sum_to(grad: torch.Tensor, features: int) -> torch.Tensor:
@@ -267,6 +289,7 @@ class LeanLoraBranch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression,
                 y: torch.Tensor | None = None):
         ctx.shape, ctx.scaling = x.shape, scaling
+        forget_shared()  # a new forward: the last backward's dequantized input is of no more use
         q = int8_shared(x, comp)
         if y is None:
             h = x.to(A.dtype).reshape(-1, x.shape[-1]) @ A.t()  # (N, r)
@@ -291,7 +314,7 @@ class LeanLoraBranch(torch.autograd.Function):
         dh = (g2 @ B).mul_(s)  # (N, r) = s · dY · B
         dA = dB = dx = None
         if ctx.needs_input_grad[1]:
-            x = _load_int8(codes, lo, scale, ctx.shape, A.dtype)
+            x = load_int8_shared(codes, lo, scale, ctx.shape, A.dtype)
             dA = dh.t() @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
             dB = (g2.t() @ h.reshape(-1, r)).mul_(s)
@@ -331,7 +354,7 @@ class LeanCpuAttention(torch.autograd.Function):
         q = _load_int8(*t[0:3], qs, dtype)
         k = _load_int8(*t[3:6], ks, dtype)
         v = _load_int8(*t[6:9], ks, dtype)
-        out = _load_int8(*t[9:12], out_shape, dtype).transpose(1, 2).contiguous()  # (B, H, T, D)
+        out = load_int8_shared(*t[9:12], out_shape, dtype).transpose(1, 2).contiguous()  # (B, H, T, D)
         lse, mask = t[12], (t[13] if has_mask else None)
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)

@@ -88,6 +88,30 @@ def test_layernorm_gradcheck():
     assert torch.allclose(LeanLayerNorm.apply(x, w, b, 1e-5, C8), F.layer_norm(x, (64,), w, b, 1e-5))
 
 
+def test_branches_sharing_an_input_dequantize_it_once(monkeypatch):
+    """q/k/v-style branches on one x: one 8-bit copy saved, one dequantization in backward, and
+    each branch's gradients equal those of a branch run alone."""
+    import edgetune.s2a.functions as fn
+
+    x = grid((2, 5, 64))
+    g = torch.Generator().manual_seed(3)
+    weights = [(torch.randn(4, 64, dtype=torch.float64, generator=g).requires_grad_(),
+                torch.randn(n, 4, dtype=torch.float64, generator=g).requires_grad_()) for n in (8, 3, 3)]
+    alone = []
+    for A, B in weights:
+        LeanLoraBranch.apply(x, A, B, 2.0, C8).square().sum().backward()
+        alone.append((A.grad.clone(), B.grad.clone(), x.grad.clone()))
+        A.grad = B.grad = x.grad = None
+    calls = []
+    real = fn._load_int8
+    monkeypatch.setattr(fn, "_load_int8", lambda *a: calls.append(1) or real(*a))
+    sum(LeanLoraBranch.apply(x, A, B, 2.0, C8).square().sum() for A, B in weights).backward()
+    assert len(calls) == 1
+    for (A, B), (dA, dB, _) in zip(weights, alone):
+        assert torch.equal(A.grad, dA) and torch.equal(B.grad, dB)
+    assert torch.allclose(x.grad, sum(dx for _, _, dx in alone), atol=1e-12)
+
+
 def test_lora_branch_gradcheck():
     x = grid((2, 3, 64), seed=2)
     A = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)

@@ -77,8 +77,9 @@ class _SketchMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(None, table)
         elif comp is not None:
-            from edgetune.s2a.functions import int8_shared
+            from edgetune.s2a.functions import forget_shared, int8_shared
 
+            forget_shared()
             q = int8_shared(x, comp)
             ctx.compressed = True
             ctx.save_for_backward(q.codes, q.lo, q.scale, table)
@@ -99,9 +100,9 @@ class _SketchMatmul(torch.autograd.Function):
             del w
         if ctx.needs_input_grad[1]:
             if ctx.compressed:
-                from edgetune.quant.actpack import Int8Groups, dequantize_int8_groups
+                from edgetune.s2a.functions import load_int8_shared
 
-                x = dequantize_int8_groups(Int8Groups(*saved, ctx.x_shape, ctx.x_dtype))
+                x = load_int8_shared(*saved, ctx.x_shape, ctx.x_dtype)  # shared with the group's other readers
             else:
                 (x,) = saved
             grad_table = kops.sketch_grad_table(grad_out, x.to(grad_out.dtype), ctx.codes, ctx.bits, gpr)
