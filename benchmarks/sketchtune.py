@@ -160,6 +160,8 @@ def part_sketch(args) -> None:
         options["calib"] = str(args.calib)
     if args.calib_seq_len is not None:
         options["calib_seq_len"] = args.calib_seq_len
+    if args.embed_nf4:
+        options["embed_nf4"] = True
     before = loadavg()
     t0 = time.perf_counter()
     compiled = edgetune.compile(model, "sketchtune", **options)
@@ -167,10 +169,13 @@ def part_sketch(args) -> None:
     layers = sketch_layers(compiled)
     code_bytes = sum(m.codes.numel() for m in layers.values())
     table_bytes = sum(m.table_init.numel() * 2 for m in layers.values())
-    dense_other = sum(t.numel() * 2 for n, t in compiled.state_dict().items()
-                      if not any(n.startswith(p + ".") for p in layers))
-    # tied embeddings appear twice in the state dict
-    if getattr(compiled.config, "tie_word_embeddings", False):
+    from edgetune.methods.embedding import is_nf4_embedding_key
+
+    # the rest at fp16, except NF4 embedding buffers (--embed-nf4), counted as stored
+    dense_other = sum(t.numel() * (t.element_size() if is_nf4_embedding_key(compiled, n) else 2)
+                      for n, t in compiled.state_dict().items() if not any(n.startswith(p + ".") for p in layers))
+    # dense tied embeddings appear twice in the state dict (a tied NF4 head stores nothing of its own)
+    if getattr(compiled.config, "tie_word_embeddings", False) and not args.embed_nf4:
         dense_other -= compiled.get_input_embeddings().weight.numel() * 2
     n_weights = sum(m.in_features * m.out_features for m in layers.values())
     trainable = sum(p.numel() for p in compiled.parameters() if p.requires_grad)
@@ -178,7 +183,7 @@ def part_sketch(args) -> None:
     key = f"sketch-{args.bits}b-gpr{args.gpr}" + (f"-p{args.exponent:g}" if args.exponent is not None else "") + \
         (f"-d{args.damp:g}" if args.damp is not None else "") + \
         (f"-calib:{Path(args.calib).stem}" if args.calib is not None else "") + \
-        (f"x{args.calib_seq_len}" if args.calib_seq_len is not None else "")
+        (f"x{args.calib_seq_len}" if args.calib_seq_len is not None else "") + ("-embnf4" if args.embed_nf4 else "")
     stats = compiled.edgetune_sketch_stats
     from edgetune.exporters.sketch import export_sketch_delta
 
@@ -324,7 +329,8 @@ def part_table(args) -> None:
         return
     print(f"\nResults from {args.results}\n")
     print(f"{'model':28s} {'ppl chat':>9s} {'ppl prose':>9s} {'ppl calib*':>10s} {'linears MiB':>11s} "
-          f"{'model MiB':>9s} {'bits/w':>6s} {'build s':>8s} {'trainable':>10s} {'delta MB':>8s}")
+          f"{'model MiB':>9s} {'vs fp16':>7s} {'bits/w':>6s} {'build s':>8s} {'trainable':>10s} {'delta MB':>8s}")
+    fp16_model = data.get("fp32", {}).get("model_bytes")
     for key, r in data.items():
         if key.startswith("finetune") or key == "steptime":
             continue
@@ -334,8 +340,9 @@ def part_table(args) -> None:
         build_s = f"{r['construct_s']:.0f}" if "construct_s" in r else "-"
         train_s = f"{r['trainable']:,}" if "trainable" in r else "-"
         delta_s = f"{r['delta_bytes'] / 1e6:.2f}" if "delta_bytes" in r else "-"
+        ratio_s = f"{r['model_bytes'] / fp16_model:.3f}" if fp16_model else "-"
         print(f"{key:28s} {ppl['heldout-chat']:9.3f} {ppl['heldout-prose']:9.3f} {ppl['calib']:10.3f} "
-              f"{_mib(r['linear_bytes']):>11s} {_mib(r['model_bytes']):>9s} {bpw_s:>6s} {build_s:>8s} {train_s:>10s} "
+              f"{_mib(r['linear_bytes']):>11s} {_mib(r['model_bytes']):>9s} {ratio_s:>7s} {bpw_s:>6s} {build_s:>8s} {train_s:>10s} "
               f"{delta_s:>8s}")
     print("  * calib.txt is part of the sketches' default calibration (in-sample for them); fp32 sizes are fp16 "
           "sizes")
@@ -363,6 +370,7 @@ def main(argv=None) -> None:
     parser.add_argument("--damp", type=float, default=None)
     parser.add_argument("--calib", type=Path, default=None, help="calibration text (default: the shipped calib.txt)")
     parser.add_argument("--calib-seq-len", type=int, default=None)
+    parser.add_argument("--embed-nf4", action="store_true", help="sketch: also store the embedding in NF4")
     parser.add_argument("--save", type=Path, default=None, help="save the compiled sketch here")
     parser.add_argument("--compiled", type=Path, default=None, help="compiled 4-bit sketch for finetune")
     parser.add_argument("--steps", type=int, default=30)
