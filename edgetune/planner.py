@@ -112,8 +112,9 @@ def loss_workspace_bytes(shape: "ModelShape", job: "JobSpec", batch: int, seq_le
                          accelerator: str = "cuda") -> int:
     """Peak bytes alive inside the loss head beyond what it saves for backward (its dh (N, C)).
 
-    act-bits 16 runs HF's own loss: the fp32 logits and the softmax gradient, (N, V) each (and an NF4
-    head decodes one slice of rows at a time on top). The S2A head (act-bits 8/4) walks row chunks of
+    act-bits 16 runs HF's own loss: the fp32 logits and the softmax gradient, (N, V) each (exact for a
+    dense head); an NF4 head decodes one slice of rows at a time on top, counted in full (an upper
+    bound: a live-storage probe of the HF loss over an NF4 head measured 0.6-0.85 of it). The S2A head (act-bits 8/4) walks row chunks of
     ``r = min(B·(T-1), LOSS_MAX_ROWS)`` and within a chunk vocab slices of
     ``vs = min(V, max(256, LOSS_LOGITS_BYTES // (4·r)))``. What is alive, read off
     ``edgetune/s2a/loss.py`` and measured per byte in tests/test_planner_workspace.py:
