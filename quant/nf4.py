@@ -344,6 +344,28 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
                      absmax_offset=offset)
 
 
+_DECODE_CHUNK = 1 << 20  # values per step of the torch decode: its float32 temporaries stay at 8 MiB
+
+
+def _dequantize_in_chunks(q: NF4Weight, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference decode, whole blocks at a time, written into one ``dtype`` output.
+
+    Bit-identical to :func:`dequantize_nf4_reference` (the same float32 product per value), but
+    its float32 levels and products exist for one chunk only: decoding a 7B down_proj into bf16
+    in one go would hold 10 bytes per weight (433 MiB) instead of the 2 of its result.
+    """
+    n, bs = q.numel, q.blocksize
+    if n <= _DECODE_CHUNK:
+        return dequantize_nf4_reference(q.packed, absmax, q.shape, bs, dtype)
+    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    step = _DECODE_CHUNK // bs * bs  # whole blocks: every chunk starts on a byte and a block boundary
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        out[s:e] = dequantize_nf4_reference(q.packed[s // 2:(e + 1) // 2], absmax[s // bs:-(-e // bs)], (e - s,),
+                                            bs, dtype)
+    return out.view(q.shape)
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32,
                    use_bnb: Optional[bool] = None) -> torch.Tensor:
     """The dense weight (out, in): ``NF4_CODE[code] * absmax`` in float32, then cast to dtype.
@@ -358,7 +380,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32,
     if use_bnb is None:
         use_bnb = q.numel >= _BNB_DEQUANT_MIN_NUMEL and _bnb_ok(q.packed)
     if not use_bnb:
-        return dequantize_nf4_reference(q.packed, absmax, q.shape, q.blocksize, dtype)
+        return _dequantize_in_chunks(q, absmax, dtype)
     F = _bnb_functional()
     n = q.numel
     packed = q.packed.reshape(-1, 1)  # (nbytes, 1): bnb's own layout

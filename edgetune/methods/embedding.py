@@ -72,6 +72,10 @@ class NF4Embedding(NF4Storage):
     def weight_slices(self) -> "NF4Embedding":
         return self
 
+    def decoded_row_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one decoded row: the loss head bounds its decoded slice by this."""
+        return self.embedding_dim * torch.empty((), dtype=dtype).element_size()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         return self.rows(ids).view(*ids.shape, self.embedding_dim)
 

@@ -30,9 +30,17 @@ LOSS_LOGITS_BYTES = 48 * 2**20  # fp32 logits alive at once: (rows, vs) with vs 
 MIN_VOCAB_SLICE = 256
 
 
-def vocab_slice(rows: int, vocab: int) -> int:
-    """Head rows per slice for a chunk of ``rows`` hidden states (shared with the planner)."""
-    return min(vocab, max(MIN_VOCAB_SLICE, LOSS_LOGITS_BYTES // (4 * max(rows, 1))))
+def vocab_slice(rows: int, vocab: int, decoded_row_bytes: int = 0) -> int:
+    """Head rows per slice for a chunk of ``rows`` hidden states (shared with the planner).
+
+    The fp32 logits slice (rows, vs) is held to LOSS_LOGITS_BYTES; so is a coded head's decoded
+    slice (vs, C) of ``decoded_row_bytes`` per row (with few rows the logits alone would let it
+    decode nearly the whole vocabulary at once).
+    """
+    vs = max(MIN_VOCAB_SLICE, LOSS_LOGITS_BYTES // (4 * max(rows, 1)))
+    if decoded_row_bytes:
+        vs = min(vs, max(MIN_VOCAB_SLICE, LOSS_LOGITS_BYTES // decoded_row_bytes))
+    return min(vocab, vs)
 
 
 class DenseHead:
@@ -41,6 +49,9 @@ class DenseHead:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.vocab = weight.shape[0]
+
+    def decoded_row_bytes(self, dtype: torch.dtype) -> int:  # slices are views: nothing is decoded
+        return 0
 
     def slice(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:  # (stop-start, C), a view
         return self.weight[start:stop].to(dtype)
@@ -109,7 +120,7 @@ def _slice_logits(h, w, bias, start, stop, acc) -> torch.Tensor:
 def _online_pass(h, head, bias, y, acc, want_acc: bool):
     """One pass over the vocabulary: (lse (r,), target logit (r,), Σ softmax·W (r, C) or None)."""
     r = h.shape[0]
-    vs = vocab_slice(r, head.vocab)
+    vs = vocab_slice(r, head.vocab, head.decoded_row_bytes(h.dtype))
     m = torch.full((r,), float("-inf"), dtype=acc, device=h.device)  # running max
     z = torch.zeros(r, dtype=acc, device=h.device)  # running Σ exp(l − m)
     tgt = torch.zeros(r, dtype=acc, device=h.device)
@@ -127,6 +138,7 @@ def _online_pass(h, head, bias, y, acc, want_acc: bool):
         if want_acc:
             out.mul_(scale.unsqueeze(1)).add_((p.to(w.dtype) @ w).to(acc))
         m = m_new
+        del w, logits, p  # freed before the next slice is decoded and multiplied
     lse = m + z.log()
     if want_acc:
         out.div_(z.unsqueeze(1))
@@ -136,7 +148,7 @@ def _online_pass(h, head, bias, y, acc, want_acc: bool):
 def _second_pass(h, head, bias, y, lse, weights, dw, db, want_h: bool, row0: int):
     """With the final lse known: dlogits = (softmax − onehot)·weights per slice, into dh, dW and db."""
     r = h.shape[0]
-    vs = vocab_slice(r, head.vocab)
+    vs = vocab_slice(r, head.vocab, head.decoded_row_bytes(h.dtype))
     dh = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if want_h else None  # (r, C)
     for start in range(0, head.vocab, vs):
         stop = min(start + vs, head.vocab)
@@ -151,6 +163,7 @@ def _second_pass(h, head, bias, y, lse, weights, dw, db, want_h: bool, row0: int
             dw[start:stop] += p.t() @ h.to(dw.dtype)
         if db is not None:
             db[start:stop] += p.sum(0)
+        del w, p
     return dh
 
 

@@ -189,3 +189,16 @@ def test_nf4weight_tensors_roundtrip_and_specs():
 def test_rejects_bad_blocksize():
     with pytest.raises(ValueError):
         nf4.quantize_nf4(torch.randn(4, 64), blocksize=48)
+
+
+@pytest.mark.parametrize("numel", [64 * 7, 64 * 7 + 5, 64 * 7 + 1])  # whole chunks, a partial block, an odd tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_decode_is_bit_identical_to_the_reference(monkeypatch, numel, dtype):
+    """The torch path decodes whole blocks at a time into one output (3 blocks per chunk here)."""
+    monkeypatch.setattr(nf4, "_DECODE_CHUNK", 3 * 64)
+    w = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    packed, absmax = nf4.quantize_nf4_reference(w, 64)
+    q = nf4.NF4Weight(packed, (numel,), 64, absmax=absmax)
+    out = nf4.dequantize_nf4(q, dtype=dtype, use_bnb=False)
+    assert out.dtype == dtype and out.shape == (numel,)
+    assert torch.equal(out, nf4.dequantize_nf4_reference(packed, absmax, (numel,), 64, dtype))

@@ -199,3 +199,12 @@ def test_sketch_layer_keeps_its_input_in_8_bits():
     y.backward(dy)
     assert all(t.dtype != torch.float32 or t.numel() <= 24 * 2 * 16 for t in saved if t is not None)  # no fp x
     assert F.cosine_similarity(layer.table.grad.flatten(), exact.flatten(), dim=0) > 0.9999
+
+
+def test_vocab_slice_bounds_the_logits_and_a_coded_heads_decoded_slice():
+    from edgetune.s2a.loss import LOSS_LOGITS_BYTES, vocab_slice
+
+    assert vocab_slice(1020, 49152) == LOSS_LOGITS_BYTES // (4 * 1020)  # logits (rows, vs) fp32 <= 48 MiB
+    assert vocab_slice(4, 49152) == 49152  # few rows, dense head: one slice (a view, nothing decoded)
+    assert vocab_slice(4, 128256, 3072 * 2) == LOSS_LOGITS_BYTES // (3072 * 2)  # an NF4 head: decoded bf16 rows
+    assert vocab_slice(1, 100, 10**9) == 100  # never below MIN_VOCAB_SLICE rows, never above the vocabulary
