@@ -207,9 +207,9 @@ class LeanGatedProduct(torch.autograd.Function):
             dact = table_for(ctx.op, 4).derivative(codes, dtype)
             return grad * u * dact, grad * act, None, None
         g = _load_int8(*saved[0:3], shape, _acc(dtype))  # (..., F)
-        u = _load_int8(*saved[3:6], shape, g.dtype)
-        dg = BACKWARDS[ctx.op]((grad * u).to(g.dtype), g)  # dY·u·f′(ĝ), fused
-        du = grad * FORWARDS[ctx.op](g).to(dtype)  # dY·f(ĝ)
+        u = _load_int8(*saved[3:6], shape, g.dtype)  # fresh: the products below reuse its buffer and f(ĝ)'s
+        dg = BACKWARDS[ctx.op](u.mul_(grad), g)  # dY·u·f′(ĝ), fused
+        du = FORWARDS[ctx.op](g).mul_(grad).to(dtype)  # dY·f(ĝ)
         return dg.to(dtype), du, None, None
 
 
