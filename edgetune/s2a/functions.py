@@ -236,10 +236,11 @@ class LeanRMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         codes, lo, scale, rstd, weight = ctx.saved_tensors
         acc = rstd.dtype
-        n = _load_int8(codes, lo, scale, ctx.shape, acc) * rstd  # (..., C)
-        gw = grad.to(acc) * weight.to(acc)
-        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
+        n = _load_int8(codes, lo, scale, ctx.shape, acc).mul_(rstd)  # (..., C), in the fresh buffer
         dw = _sum_to(grad.to(acc) * n, n.shape[-1]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gw = grad.to(acc) * weight.to(acc)  # (..., C)
+        dot = torch.linalg.vecdot(gw, n).unsqueeze(-1).div_(n.shape[-1])  # mean(gw · n), no (..., C) temporary
+        dx = gw.sub_(n.mul_(dot)).mul_(rstd)  # r · (gw − n · mean(gw · n)), in gw's buffer
         return dx.to(grad.dtype), dw, None, None
 
 
