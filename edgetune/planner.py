@@ -87,25 +87,74 @@ def transient_bytes(accelerator: str, uncompressed: int, per_block: int | None,
 RECIPES = ("lora", "qlora", "s2a", "sketchtune")  # the recipes the planner has formulas for
 # The chunked loss head of the S2A rewrite (edgetune/s2a/loss.py, imported: one source for the
 # sizes) is one vocab-sliced online-softmax pass over row chunks of at most LOSS_MAX_ROWS rows,
-# each vocab slice's fp32 logits kept near LOSS_LOGITS_BYTES (vocab_slice).
+# each vocab slice's fp32 logits (and a coded head's decoded slice) kept near LOSS_LOGITS_BYTES
+# (vocab_slice).
 # quant/nf4.py _BNB_DEQUANT_MIN_NUMEL: dequantize_nf4 takes bitsandbytes' kernel for tensors of at
-# least this many values, and only on the CPU; below it, and on every CUDA tensor, the torch reference.
+# least this many values, and only on the CPU; below it, and on every CUDA tensor, the torch path.
 NF4_BNB_MIN_NUMEL = 1 << 18
+# quant/nf4.py _DECODE_CHUNK: the torch path decodes a tensor of more values than this in whole-block
+# chunks of (this // blocksize) blocks into one preallocated output of the target dtype.
+NF4_DECODE_CHUNK = 1 << 20
 # edgetune/methods/embedding.py HEAD_SLICE_BYTES: the plain-forward NF4 LM head decodes
 # HEAD_SLICE_BYTES / (4·C) rows at a time (act-bits 16, where HF's own loss runs).
 NF4_HEAD_SLICE_BYTES = 64 * 2**20
 
 
-def nf4_decode_bytes(numel: int, a: int, accelerator: str, blocksize: int = 64) -> int:
+def _nf4_reference_bytes(numel: int, a: int, blocksize: int) -> int:
+    """dequantize_nf4_reference on ``numel`` values: its float32 levels (padded to whole blocks) and
+    their float32 product with the absmax are alive together with the cast result (none in fp32)."""
+    return 8 * -(-numel // blocksize) * blocksize + (a if a != 4 else 0) * numel
+
+
+def nf4_decode_bytes(numel: int, a: int, accelerator: str, blocksize: int = 64,
+                     absmax_decoded: bool = True) -> int:
     """Peak bytes while ``dequantize_nf4`` (quant/nf4.py) decodes ``numel`` weights to a dtype of
-    ``a`` bytes. Both of its paths decode in float32 and then cast: the torch reference (CUDA, and
-    small CPU tensors) holds the float32 levels, their float32 product with the absmax and the cast
-    result at once, (8 + a)·n; bitsandbytes' CPU kernel its float32 output and the cast, (4 + a)·n.
-    Casting to float32 is free (no copy). Plus the block absmax decoded to float32. Measured per byte
-    with a live-storage tracker in tests/test_planner_workspace.py."""
-    cast = a if a != 4 else 0
-    per = 4 if accelerator == "cpu" and numel >= NF4_BNB_MIN_NUMEL else 8
-    return numel * (per + cast) + 4 * -(-numel // blocksize)
+    ``a`` bytes, its result included. Its three paths, read off the code:
+
+    * bitsandbytes' CPU kernel (CPU tensors of >= NF4_BNB_MIN_NUMEL values): its float32 output
+      (n rounded up to even) and the cast of it, (4 + a)·n (4·n in fp32: the cast is free);
+    * the torch path on at most NF4_DECODE_CHUNK values (small CPU tensors, small CUDA ones): the
+      reference's float32 levels, their float32 product and the cast at once, (8 + a)·n (8·n in fp32);
+    * the torch path on more (every large CUDA tensor): the preallocated a·n output plus one chunk
+      of ``NF4_DECODE_CHUNK // blocksize`` blocks decoded by the reference, (8 + a)·chunk (8·chunk
+      in fp32: the chunk's product is what is copied in).
+
+    Plus the block absmax in float32 when it is made for the decode (``absmax_decoded``: under
+    double quantization, or gathered for a slice of head rows; a plain absmax is used in place).
+    Measured per byte with a live-storage tracker in tests/test_planner_workspace.py.
+    """
+    absmax = 4 * -(-numel // blocksize) if absmax_decoded else 0
+    if accelerator == "cpu" and numel >= NF4_BNB_MIN_NUMEL:
+        return 4 * (numel + numel % 2) + (a if a != 4 else 0) * numel + absmax
+    if numel <= NF4_DECODE_CHUNK:
+        return _nf4_reference_bytes(numel, a, blocksize) + absmax
+    step = NF4_DECODE_CHUNK // blocksize * blocksize
+    return a * numel + _nf4_reference_bytes(step, a, blocksize) + absmax
+
+
+def _head_chunk_bytes(r: int, prev: int, c: int, vocab: int, a: int, coded: bool, accelerator: str,
+                      blocksize: int) -> int:
+    """Peak bytes of one row chunk of ``r`` rows of the S2A loss head (see loss_workspace_bytes),
+    with ``prev`` bytes of the previous chunk's result still bound."""
+    cast = a if a != 4 else 0  # a bf16/fp16 copy of an fp32 tensor; none in fp32
+    up = 4 if a != 4 else 0  # an fp32 copy of a bf16/fp16 tensor; none in fp32
+    acc = r * c * 4  # the fp32 Σ softmax·W accumulator (r, C)
+    vs = vocab_slice(r, vocab, c * a if coded else 0)
+    moments = []
+    for s in {vs, vocab - (-(-vocab // vs) - 1) * vs}:  # a full slice and the last (their paths may differ)
+        w = s * c * a if coded else 0  # the decoded slice (vs, C); a dense slice is a view
+        if coded:
+            moments.append(acc + nf4_decode_bytes(s * c, a, accelerator, blocksize))
+        moments += [
+            # (the logits matmul's result and its fp32 cast, acc + w + r·s·(4 + cast), is below the next)
+            acc + w + r * s * (4 + cast) + r * c * a,  # the softmax slice, its cast, the matmul result
+            acc + w + r * s * 4 + r * c * (a + up),  # the matmul result and its fp32 cast
+        ]
+    if coded:  # W[y]: the rows' packed bytes and int64 block index, and their decode to fp32
+        moments.append(acc + r * c // 2 + 8 * (r * c // blocksize) + nf4_decode_bytes(r * c, 4, accelerator, blocksize))
+    # (a dense W[y], the gathered rows and their fp32 cast, acc + r·C·(a + up), is below the next)
+    moments.append(3 * acc)  # the accumulator, W[y] in fp32 and their difference
+    return prev + max(moments)
 
 
 def loss_workspace_bytes(shape: "ModelShape", job: "JobSpec", batch: int, seq_len: int,
@@ -113,52 +162,53 @@ def loss_workspace_bytes(shape: "ModelShape", job: "JobSpec", batch: int, seq_le
     """Peak bytes alive inside the loss head beyond what it saves for backward (its dh (N, C)).
 
     act-bits 16 runs HF's own loss: the fp32 logits and the softmax gradient, (N, V) each (exact for a
-    dense head); an NF4 head decodes one slice of rows at a time on top, counted in full (an upper
-    bound: a live-storage probe of the HF loss over an NF4 head measured 0.6-0.85 of it). The S2A head (act-bits 8/4) walks row chunks of
-    ``r = min(B·(T-1), LOSS_MAX_ROWS)`` and within a chunk vocab slices of
-    ``vs = min(V, max(256, LOSS_LOGITS_BYTES // (4·r)))``. What is alive, read off
-    ``edgetune/s2a/loss.py`` and measured per byte in tests/test_planner_workspace.py:
+    dense head); an NF4 head decodes one slice of HEAD_SLICE_BYTES / (4·C) rows at a time on top,
+    counted in full (an upper bound: a live-storage probe of the HF loss over an NF4 head measured
+    0.6-0.85 of it), and keeps every slice's float32 absmax (V·C/64 values) with its autograd node.
+
+    The S2A head (act-bits 8/4) walks row chunks of ``r = min(B·(T-1), LOSS_MAX_ROWS)`` rows and
+    within a chunk vocab slices of ``vs = vocab_slice(r, V, C·a)`` rows for an NF4 head (the fp32
+    logits (r, vs) and the decoded slice (vs, C) each held to LOSS_LOGITS_BYTES),
+    ``vocab_slice(r, V)`` for a dense one. Each slice is freed before the next is made
+    (``del w, logits, p``), so one slice's largest moment bounds them all (a full slice's or the
+    last one's); what is alive then, read off ``edgetune/s2a/loss.py`` and measured per byte in
+    tests/test_planner_loss_workspace.py:
 
     * always the fp32 accumulator (r, C) and the fp32 logits slice (r, vs);
-    * in a compute dtype other than fp32, the bf16/fp16 copy of the softmax slice fed to the matmul,
-      the matmul's (r, C) result in that dtype and its fp32 cast (fp32 makes neither copy);
-    * from the second slice on, the previous slice's logits (and decoded weight) until the new ones
-      replace them: the new logits are made while the old are still bound;
+    * in a compute dtype other than fp32, the bf16/fp16 copy of the softmax slice fed to the
+      matmul, the matmul's (r, C) result in that dtype and its fp32 cast (fp32 makes no copies);
     * for an NF4 head (``embed_nf4``) the decoded slice (vs, C) in the compute dtype, and while it is
-      decoded the decoder's float32 intermediates (:func:`nf4_decode_bytes`);
-    * at a chunk's end the accumulator, W[y] in fp32 and their difference, (r, C) fp32 each;
+      decoded the decoder's intermediates (:func:`nf4_decode_bytes`: a full slice and the last,
+      shorter one, can take different decoder paths);
+    * at a chunk's end W[y] (an NF4 head decodes those rows to fp32 from their gathered bytes and
+      int64 block index), then the accumulator, W[y] in fp32 and their difference, (r, C) fp32 each;
+    * from the second chunk on, the previous chunk's (r, C) fp32 result, still bound while the next
+      chunk runs;
     * for batch > 1, the hidden states and labels reshaped to rows (``hidden[:, :-1]`` is not
       contiguous then: a (B·(T-1), C) copy, and an int64 label copy), for the whole loss.
     """
     a = DTYPE_BYTES[job.dtype]
     c, vocab = shape.hidden, shape.vocab
     if job.act_bits == 16:
-        head = NF4_HEAD_SLICE_BYTES // (4 * c) if job.embed_nf4 else 0
-        decode = nf4_decode_bytes(min(head, vocab) * c, a, accelerator, job.blocksize) if head else 0
-        return 2 * batch * seq_len * vocab * 4 + decode
+        head = max(1, NF4_HEAD_SLICE_BYTES // (4 * c)) if job.embed_nf4 else 0
+        sizes = {min(head, vocab), vocab % head} - {0} if head else set()  # a full slice and the last
+        decode = max((nf4_decode_bytes(s * c, a, accelerator, job.blocksize) for s in sizes), default=0)
+        # each slice's matmul node keeps its NF4Weight, whose gathered float32 absmax lives to backward
+        scales = 4 * vocab * (c // job.blocksize) if job.embed_nf4 else 0
+        return 2 * batch * seq_len * vocab * 4 + decode + scales
     n_rows = batch * (seq_len - 1)
+    if n_rows <= 0:  # a single position predicts nothing: the loss walks no rows
+        return 0
     r = min(n_rows, LOSS_MAX_ROWS)
-    vs = vocab_slice(r, vocab)
-    cast = a if a != 4 else 0  # a bf16/fp16 copy; none in fp32
-    acc = r * c * 4
+    last = n_rows - (-(-n_rows // r) - 1) * r  # the last chunk's rows (= r with one chunk)
     coded = job.embed_nf4
-    w = vs * c * a if coded else 0  # the current decoded slice
-    slices = -(-vocab // vs)
-    later = ([vs] if slices >= 3 else []) + ([vocab - (slices - 1) * vs] if slices >= 2 else [])  # after the first
-    moments = [
-        r * vs * 4 + r * vs * cast + r * c * a + acc + w,  # softmax slice, its cast, the matmul result
-        r * vs * 4 + r * c * a + r * c * cast + acc + w,  # the matmul result and its fp32 cast
-        3 * acc,  # end of chunk: dh accumulator, W[y] in fp32, their difference
-    ]
-    if coded:
-        moments.append(nf4_decode_bytes(vs * c, a, accelerator, job.blocksize) + acc)  # the first slice
-    prev = r * vs * 4  # a later slice is made while the previous (full) one's logits are still bound
-    for size in later:
-        moments.append(prev + r * size * (4 + cast) + acc + (size * c * a if coded else 0))  # its new logits
-        if coded:  # its decode, the previous decoded slice still bound too
-            moments.append(prev + w + nf4_decode_bytes(size * c, a, accelerator, job.blocksize) + acc)
+    peak = _head_chunk_bytes(r, 0, c, vocab, a, coded, accelerator, job.blocksize)
+    if n_rows > r:  # later chunks: the previous full chunk's result is still bound
+        peak = max(peak, _head_chunk_bytes(last, r * c * 4, c, vocab, a, coded, accelerator, job.blocksize))
+        if n_rows > 2 * r:
+            peak = max(peak, _head_chunk_bytes(r, r * c * 4, c, vocab, a, coded, accelerator, job.blocksize))
     copies = (n_rows * c * a + n_rows * 8) if batch > 1 else 0
-    return max(moments) + copies
+    return peak + copies
 
 
 @dataclass(frozen=True)
@@ -727,8 +777,8 @@ def _vision_plan(shape, job: "JobSpec", profile: DeviceProfile, batch: int) -> "
         per_block = (uncompressed - plain_vit["head"]) // shape.layers
         frozen, trainable = vit_weight_bytes(shape, job)
         n, d = batch * shape.tokens, shape.hidden
-        dequant = nf4_decode_bytes(shape.hidden * shape.ffn, a, profile.accelerator, job.blocksize) \
-            if job.recipe == "qlora" else 0
+        dequant = nf4_decode_bytes(shape.hidden * shape.ffn, a, profile.accelerator, job.blocksize,
+                                   job.double_quant) if job.recipe == "qlora" else 0
         workspace = {"attention_workspace": 4 * n * d * a, "weight_workspace": dequant}
         lin = shape.layers * sum(o * i for o, i in shape.linear_shapes().values())
         flops = 2 * (2 * n * lin + 4 * batch * shape.tokens ** 2 * d * shape.layers)  # forward + input grads
@@ -792,10 +842,13 @@ def plan_job(shape: ModelShape, job: JobSpec, profile: DeviceProfile, batch: int
     loss_ws = loss_workspace_bytes(shape, job, batch, seq_len, profile.accelerator)
     attn_ws = n * (2 * qd + 2 * kvd) * a
     # qlora (and s2a on an NF4 base) dequantizes, sketchtune gathers, one dense projection at a time;
-    # the NF4 decoder's float32 intermediates are alive while it decodes (nf4_decode_bytes)
-    largest = max((o * i for n, (o, i) in shape.linear_shapes().items() if n in job.targets), default=0)
+    # the NF4 decoder's intermediates are alive while it decodes (nf4_decode_bytes; not monotone in
+    # the size on the CPU, where small tensors take the torch path: the max over the targets)
+    sizes = {o * i for n, (o, i) in shape.linear_shapes().items() if n in job.targets}
+    largest = max(sizes, default=0)
     if job.recipe == "qlora" or (job.recipe == "s2a" and job.s2a_nf4):
-        dequant_ws = nf4_decode_bytes(largest, a, profile.accelerator, job.blocksize)
+        dequant_ws = max((nf4_decode_bytes(s, a, profile.accelerator, job.blocksize, job.double_quant)
+                          for s in sizes), default=0)
     else:
         dequant_ws = largest * a if job.recipe == "sketchtune" else 0
     components = {
