@@ -283,15 +283,46 @@ def _(dy, x, h, A, B, scale, grad_x):
     return A.new_empty(A.shape), B.new_empty(B.shape)
 
 
+# ------------------------------------------------------------------------- gated product (SwiGLU)
+
+_SILU_MUL = _impls("silu_mul", cuda=False)
+_SILU_MUL_BWD = _impls("silu_mul_backward", cuda=False)
+
+
+@torch.library.custom_op("edgetune::silu_mul", mutates_args=())
+def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """silu(g) · u in one pass (g, u of one shape and dtype). CUDA runs the reference (aten's fused
+    kernels are fast there); on the CPU aten's sigmoid costs ~5x an exp, which the native op avoids."""
+    return _run("silu_mul", _SILU_MUL, g.device, g, u)
+
+
+@silu_mul.register_fake
+def _(g, u):
+    return torch.empty_like(g)
+
+
+@torch.library.custom_op("edgetune::silu_mul_backward", mutates_args=())
+def silu_mul_backward(dy: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """(dY·u·silu′(g), dY·silu(g)) in one pass: the gradients of silu(g)·u."""
+    return _run("silu_mul_backward", _SILU_MUL_BWD, g.device, dy, g, u)
+
+
+@silu_mul_backward.register_fake
+def _(dy, g, u):
+    return torch.empty_like(g), torch.empty_like(g)
+
+
 ALL_OPS = {
     "act4_forward": act4_forward, "act4_backward": act4_backward, "pack_nibbles": pack_nibbles,
     "unpack_nibbles": unpack_nibbles, "pack_bits": pack_bits, "unpack_bits": unpack_bits,
     "quantize_int8": quantize_int8, "dequantize_int8": dequantize_int8, "nf4_matmul": nf4_matmul,
     "sketch_gather": sketch_gather, "sketch_scatter_add": sketch_scatter_add, "sketch_grad_table": sketch_grad_table,
     "lora_add_": lora_add_, "lora_backward": lora_backward,
+    "silu_mul": silu_mul, "silu_mul_backward": silu_mul_backward,
 }
 IMPLS = {"act4_forward": _ACT4_FWD, "act4_backward": _ACT4_BWD, "pack_nibbles": _PACK_NIB,
          "unpack_nibbles": _UNPACK_NIB, "pack_bits": _PACK_BITS, "unpack_bits": _UNPACK_BITS,
          "quantize_int8": _QUANT8, "dequantize_int8": _DEQUANT8, "nf4_matmul": _NF4MM,
          "sketch_gather": _SK_GATHER, "sketch_scatter_add": _SK_SCATTER, "sketch_grad_table": _SK_GRADT,
-         "lora_add_": _LORA_ADD, "lora_backward": _LORA_BWD}
+         "lora_add_": _LORA_ADD, "lora_backward": _LORA_BWD,
+         "silu_mul": _SILU_MUL, "silu_mul_backward": _SILU_MUL_BWD}

@@ -80,6 +80,15 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_
     return torch.matmul(x, w) if transposed else torch.matmul(x, w.t())
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(g) * u
+
+
+def silu_mul_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dY·u·silu′(g), dY·silu(g)): the gated product's input gradients."""
+    return torch.ops.aten.silu_backward(dy * u, g), dy * torch.nn.functional.silu(g)
+
+
 def _index(codes: torch.Tensor, bits: int, in_features: int, groups_per_row: int) -> torch.Tensor:
     from edgetune.methods.sketchtune.layer import gather_index
 

@@ -186,15 +186,15 @@ class LeanGatedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor, op: str, comp: Compression):
-        act = FORWARDS[op](g)
         qu = int8_shared(u, comp)
+        ctx.op, ctx.comp, ctx.shape, ctx.numel = op, comp, g.shape, g.numel()
         if comp.gate_code4:
+            act = FORWARDS[op](g)
             codes = pack_nibbles(table_for(op, 4).encode(g))
             ctx.save_for_backward(codes, *_save_int8(qu), *_save_int8(quantize_int8_groups(act, comp.group, comp.stochastic)))
-        else:
-            ctx.save_for_backward(*_save_int8(int8_shared(g, comp)), *_save_int8(qu))
-        ctx.op, ctx.comp, ctx.shape, ctx.numel = op, comp, g.shape, g.numel()
-        return act * u
+            return act * u
+        ctx.save_for_backward(*_save_int8(int8_shared(g, comp)), *_save_int8(qu))
+        return gated(g, u, op)
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,10 +207,24 @@ class LeanGatedProduct(torch.autograd.Function):
             dact = table_for(ctx.op, 4).derivative(codes, dtype)
             return grad * u * dact, grad * act, None, None
         g = _load_int8(*saved[0:3], shape, _acc(dtype))  # (..., F)
-        u = _load_int8(*saved[3:6], shape, g.dtype)  # fresh: the products below reuse its buffer and f(ĝ)'s
+        u = _load_int8(*saved[3:6], shape, g.dtype)  # fresh: the products below may reuse its buffer
+        if ctx.op == "silu":  # dY·u·silu′(ĝ) and dY·silu(ĝ) in one pass (the registry's silu_mul_backward)
+            from edgetune.kernels.ops import silu_mul_backward
+
+            dg, du = silu_mul_backward(grad.to(g.dtype), g, u)
+            return dg.to(dtype), du.to(dtype), None, None
         dg = BACKWARDS[ctx.op](u.mul_(grad), g)  # dY·u·f′(ĝ), fused
         du = FORWARDS[ctx.op](g).mul_(grad).to(dtype)  # dY·f(ĝ)
         return dg.to(dtype), du, None, None
+
+
+def gated(g: torch.Tensor, u: torch.Tensor, op: str) -> torch.Tensor:
+    """f(g) · u; SiLU through the registry's one-pass ``silu_mul`` (aten's CPU sigmoid is slow)."""
+    if op == "silu" and g.dtype == u.dtype and g.shape == u.shape:
+        from edgetune.kernels.ops import silu_mul
+
+        return silu_mul(g, u)
+    return FORWARDS[op](g) * u
 
 
 # --------------------------------------------------------------------------- norms

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functions import (Compression, LeanGatedProduct, LeanLayerNorm, LeanRMSNorm, lean_pointwise)
+from .functions import (Compression, LeanGatedProduct, LeanLayerNorm, LeanRMSNorm, gated, lean_pointwise)
 from .tables import FORWARDS
 
 
@@ -81,7 +81,7 @@ class LeanGatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
         if not _recording(g, u):
-            return self.down_proj(FORWARDS[self.op](g) * u)
+            return self.down_proj(gated(g, u, self.op))
         return self.down_proj(LeanGatedProduct.apply(g, u, self.op, self.comp))
 
     def extra_repr(self) -> str:

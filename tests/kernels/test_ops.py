@@ -214,6 +214,8 @@ def _opcheck_cases(gen):
         "lora_add_": (_rand(gen, 2, 3, 6), _rand(gen, 2, 3, 11), _rand(gen, 4, 11), _rand(gen, 6, 4), 0.5),
         "lora_backward": (_rand(gen, 6, 6), _rand(gen, 6, 11), _rand(gen, 6, 4), _rand(gen, 4, 11), _rand(gen, 6, 4),
                           0.5, _rand(gen, 6, 11)),
+        "silu_mul": (_rand(gen, 3, 13), _rand(gen, 3, 13)),
+        "silu_mul_backward": (_rand(gen, 3, 13), _rand(gen, 3, 13), _rand(gen, 3, 13)),
     }
 
 
@@ -315,3 +317,24 @@ def test_sketch_gather_wide_rows(backend, bits, gen):
     table = _rand(gen, out_f, gpr, 1 << bits, scale=1.0)
     w = _run(backend, ops.sketch_gather, table, cp, bits, in_f, poison=(out_f * in_f * 4,))
     assert torch.equal(w, R.sketch_gather(table, cp, bits, in_f))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 4099])  # the scalar tail alone, one vector, both, many grains
+def test_silu_mul_and_backward(backend, dtype, n, gen):
+    """silu(g)·u and (dY·u·silu′(g), dY·silu(g)) against aten's silu / silu_backward, over the whole
+    range the clamped exp sees (|g| up to 120), with NaN propagated and outputs poisoned first."""
+    _skip_missing(backend, "silu_mul")
+    g = _rand(gen, n, dtype=dtype, scale=4.0)
+    g[: n // 3] *= 30.0  # |g| to ~120: the exp clamps at 88
+    if n > 4:
+        g[3] = float("nan")
+    u, dy = _rand(gen, n, dtype=dtype), _rand(gen, n, dtype=dtype)
+    h = _run(backend, ops.silu_mul, g, u, poison=(4 * n,))
+    dg, du = _run(backend, ops.silu_mul_backward, dy, g, u, poison=(4 * n, 4 * n))
+    want_h, (want_dg, want_du) = R.silu_mul(g, u), R.silu_mul_backward(dy, g, u)
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
+    for got, want in ((h, want_h), (dg, want_dg), (du, want_du)):
+        assert got.dtype == dtype and got.shape == g.shape
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
