@@ -83,6 +83,8 @@ def main() -> None:
          ly.numel() * 8 + lx.numel() * 4),
         ("lora_backward (+grad_x) r16", lambda: ops.lora_backward(ldy, lx, lh, la, lb, 0.5, lgx),
          ldy.numel() * 4 + lx.numel() * 4 + lgx.numel() * 8),
+        ("silu_mul (SwiGLU fwd)", lambda: ops.silu_mul(x, ly.view_as(x)), n * 12),
+        ("silu_mul_backward", lambda: ops.silu_mul_backward(ldy.view_as(x), x, ly.view_as(x)), n * 20),
     ]
     print(f"threads={args.threads} reps={args.reps}  torch {torch.__version__}")
     hdr = f"{'op':<34}{'ref ms':>9}{'cpu ms':>9}{'speedup':>9}{'cpu GB/s':>10}{'copy GB/s':>11}{'% copy':>8}"
