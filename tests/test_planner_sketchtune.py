@@ -13,6 +13,18 @@ from tiny_models import build_tiny_model
 FAST = {"calib_samples": 32, "calib_seq_len": 16}  # as in tests/methods/test_sketchtune.py
 
 
+def _assert_formulas_match(model, job, shape, vocab):
+    """Stored bytes (every buffer: codes, fp16 table_init, biases, rotary, NF4 embeddings; every
+    parameter) and one step's saved bytes equal the planner's formulas exactly."""
+    frozen = sum(t.numel() * t.element_size() for t in model.buffers())
+    frozen += sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert weight_bytes(shape, job) == (frozen, trainable)
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    measured = saved_bytes_of_step(model, {"input_ids": ids, "labels": ids})
+    assert sum(saved_activation_bytes(shape, job, 2, 24).values()) == measured
+
+
 @pytest.mark.parametrize("arch,bits,gpr,act_bits", [
     ("llama", 4, 4, 16),
     ("llama", 4, 4, 4),
@@ -26,14 +38,7 @@ def test_sketchtune_bytes_match_the_compiled_model(arch, bits, gpr, act_bits, ti
     model.train()
     job, shape = job_for(model), ModelShape.from_config(model.config)
     assert (job.recipe, job.bits, job.groups_per_row, job.act_bits) == ("sketchtune", bits, gpr, act_bits)
-    # weights: every buffer (codes, fp16 table_init, biases, rotary) and frozen parameter, as stored
-    frozen = sum(t.numel() * t.element_size() for t in model.buffers())
-    frozen += sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    assert weight_bytes(shape, job) == (frozen, trainable)
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    measured = saved_bytes_of_step(model, {"input_ids": ids, "labels": ids})
-    assert sum(saved_activation_bytes(shape, job, 2, 24).values()) == measured
+    _assert_formulas_match(model, job, shape, len(tiny_tokenizer))
 
 
 def test_sketchtune_4bit_against_qlora():
@@ -70,10 +75,4 @@ def test_sketchtune_embed_nf4_bytes(arch, tiny_tokenizer):
     model.train()
     job, shape = job_for(model), ModelShape.from_config(model.config)
     assert job.embed_nf4 and (job.blocksize, job.double_quant) == (64, True)
-    frozen = sum(t.numel() * t.element_size() for t in model.buffers())
-    frozen += sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    assert weight_bytes(shape, job) == (frozen, trainable)
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    measured = saved_bytes_of_step(model, {"input_ids": ids, "labels": ids})
-    assert sum(saved_activation_bytes(shape, job, 2, 24).values()) == measured
+    _assert_formulas_match(model, job, shape, len(tiny_tokenizer))
