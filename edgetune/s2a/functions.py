@@ -44,6 +44,7 @@ class Compression:
 # contiguous tensor is keyed by its storage, offset and size, so views of it hit the same entry;
 # the entry checks the version counter (shared by views) and drops itself when its tensor is freed.
 _INT8_CACHE: dict[tuple, tuple] = {}
+_LAST_SHARED: list = []  # [key, codes, dequantized]: see load_int8_shared
 
 
 def _drop(key: tuple) -> None:
@@ -57,6 +58,7 @@ def _cache_key(x: torch.Tensor) -> tuple:
 
 
 def int8_shared(x: torch.Tensor, comp: Compression) -> Int8Groups:
+    _LAST_SHARED.clear()  # a forward again: the last backward's dequantized input is of no more use
     key = _cache_key(x)
     hit = _INT8_CACHE.get(key)
     if hit is not None:
@@ -80,8 +82,7 @@ def _load_int8(codes, lo, scale, shape, dtype) -> torch.Tensor:
 # The backward of q, k and v (gate and up; o_proj and the attention) dequantize the same shared
 # codes one right after another: the last dequantized shared input is kept for the next reader.
 # The entry holds its codes, so their storage can't be freed and reused under the same address;
-# it is replaced by the next shared input and dropped by the next forward.
-_LAST_SHARED: list = []
+# it is replaced by the next shared input and dropped by the next forward (:func:`int8_shared`).
 
 
 def load_int8_shared(codes, lo, scale, shape, dtype) -> torch.Tensor:
@@ -92,10 +93,6 @@ def load_int8_shared(codes, lo, scale, shape, dtype) -> torch.Tensor:
     x = _load_int8(codes, lo, scale, shape, dtype)
     _LAST_SHARED[:] = [key, codes, x]
     return x
-
-
-def forget_shared() -> None:
-    _LAST_SHARED.clear()
 
 
 def _sum_to(grad: torch.Tensor, features: int) -> torch.Tensor:
@@ -304,7 +301,6 @@ class LeanLoraBranch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, comp: Compression,
                 y: torch.Tensor | None = None):
         ctx.shape, ctx.scaling = x.shape, scaling
-        forget_shared()  # a new forward: the last backward's dequantized input is of no more use
         q = int8_shared(x, comp)
         if y is None:
             h = x.to(A.dtype).reshape(-1, x.shape[-1]) @ A.t()  # (N, r)

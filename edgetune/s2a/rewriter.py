@@ -29,7 +29,6 @@ from .modules import LeanActivation, LeanGatedMLP, LeanLayerNormModule, LeanRMSN
 from .vision import LeanBatchNorm, LeanConv2d, LeanGlobalAvgPool, LeanMaxPool2d
 
 ATTN_NAME = "edgetune_lean"
-LOSS_CHUNK = LOSS_MAX_ROWS  # rows per chunk of the loss head (its logits are vocab-sliced)
 
 
 @dataclass
@@ -165,9 +164,9 @@ def attention_pass(model: nn.Module, comp: Compression) -> list[str]:
 
 def loss_head_pass(model: nn.Module, comp: Compression) -> list[str]:
     head = getattr(model, "get_output_embeddings", None)  # plain nn.Modules (torchvision) have none
-    if getattr(model, "edgetune_loss_chunk", None) == LOSS_CHUNK or head is None or head() is None:
+    if getattr(model, "edgetune_loss_chunk", None) == LOSS_MAX_ROWS or head is None or head() is None:
         return []
-    model.edgetune_loss_chunk = LOSS_CHUNK
+    model.edgetune_loss_chunk = LOSS_MAX_ROWS  # rows per chunk; the logits are vocab-sliced
     return ["<loss head>"]
 
 

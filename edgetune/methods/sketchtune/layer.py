@@ -77,9 +77,8 @@ class _SketchMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(None, table)
         elif comp is not None:
-            from edgetune.s2a.functions import forget_shared, int8_shared
+            from edgetune.s2a.functions import int8_shared
 
-            forget_shared()
             q = int8_shared(x, comp)
             ctx.compressed = True
             ctx.save_for_backward(q.codes, q.lo, q.scale, table)
