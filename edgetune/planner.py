@@ -152,8 +152,8 @@ def _head_chunk_bytes(r: int, prev: int, c: int, vocab: int, a: int, coded: bool
             acc + w + r * s * (4 + cast) + r * c * a,  # the softmax slice, its cast, the matmul result
             acc + w + r * s * 4 + r * c * (a + up),  # the matmul result and its fp32 cast
         ]
-    if coded:  # W[y]: the rows' packed bytes and int64 block index, and their decode to fp32
-        moments.append(acc + r * c // 2 + 8 * (r * c // blocksize) + nf4_decode_bytes(r * c, 4, accelerator, blocksize))
+    if coded:  # W[y]: the rows' gathered packed bytes and their decode to fp32 (NF4Weight.take_rows)
+        moments.append(acc + r * c // 2 + nf4_decode_bytes(r * c, 4, accelerator, blocksize))
     # (a dense W[y], the gathered rows and their fp32 cast, acc + r·C·(a + up), is below the next)
     moments.append(3 * acc)  # the accumulator, W[y] in fp32 and their difference
     return prev + max(moments)
@@ -182,8 +182,9 @@ def loss_workspace_bytes(shape: "ModelShape", job: "JobSpec", batch: int, seq_le
     * for an NF4 head (``embed_nf4``) the decoded slice (vs, C) in the compute dtype, and while it is
       decoded the decoder's intermediates (:func:`nf4_decode_bytes`: a full slice and the last,
       shorter one, can take different decoder paths);
-    * at a chunk's end W[y] (an NF4 head decodes those rows to fp32 from their gathered bytes and
-      int64 block index), then the accumulator, W[y] in fp32 and their difference, (r, C) fp32 each;
+    * at a chunk's end W[y] (an NF4 head decodes those rows to fp32 from their gathered bytes; the
+      int64 block index is freed once their scales are read), then the accumulator, W[y] in fp32 and
+      their difference, (r, C) fp32 each;
     * from the second chunk on, the previous chunk's (r, C) fp32 result, still bound while the next
       chunk runs;
     * for batch > 1, the hidden states and labels reshaped to rows (``hidden[:, :-1]`` is not

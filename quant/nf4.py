@@ -255,15 +255,26 @@ class NF4Weight:
         return values * self.absmax_scale.float()[torch.div(index, DQ_BLOCKSIZE, rounding_mode="floor")] + \
             self.absmax_offset.float()
 
-    def rows(self, start: int, stop: int) -> "NF4Weight":
-        """Rows [start, stop) of a (rows, cols) weight whose rows are whole blocks, as a plain-absmax NF4Weight."""
-        cols = self.shape[1]
-        if len(self.shape) != 2 or cols % self.blocksize:
+    def _blocks_per_row(self) -> int:
+        if len(self.shape) != 2 or self.shape[1] % self.blocksize:
             raise ValueError(f"rows of {self.shape} are not whole blocks of {self.blocksize}")
-        per = cols // self.blocksize
+        return self.shape[1] // self.blocksize
+
+    def rows(self, start: int, stop: int) -> "NF4Weight":
+        """Rows [start, stop) of a (rows, cols) weight whose rows are whole blocks, as a plain-absmax
+        NF4Weight (its codes a view)."""
+        cols, per = self.shape[1], self._blocks_per_row()
         index = torch.arange(start * per, stop * per, device=self.packed.device)
         return NF4Weight(self.packed[start * cols // 2:stop * cols // 2], (stop - start, cols), self.blocksize,
                          absmax=self.block_absmax_at(index))
+
+    def take_rows(self, index: torch.Tensor) -> "NF4Weight":
+        """The rows ``index`` (n,) gathered, as a plain-absmax NF4Weight: only their bytes and scales."""
+        cols, per = self.shape[1], self._blocks_per_row()
+        index = index.reshape(-1).long()
+        packed = self.packed.view(self.shape[0], cols // 2).index_select(0, index)  # (n, cols/2)
+        blocks = (index.unsqueeze(1) * per + torch.arange(per, device=index.device)).reshape(-1)  # (n·per,)
+        return NF4Weight(packed.reshape(-1), (index.numel(), cols), self.blocksize, absmax=self.block_absmax_at(blocks))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (only those present)."""

@@ -58,12 +58,7 @@ class NF4Embedding(NF4Storage):
 
     def rows(self, index: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The decoded rows ``index`` (n,) -> (n, C): gathers their bytes and block scales only."""
-        q, c, per = self.nf4_weight(), self.embedding_dim, self.embedding_dim // self.blocksize
-        index = index.reshape(-1).long()
-        packed = self.packed.view(self.num_embeddings, c // 2).index_select(0, index)  # (n, C/2)
-        blocks = (index.unsqueeze(1) * per + torch.arange(per, device=index.device)).reshape(-1)  # (n·C/bs,)
-        sub = type(q)(packed.reshape(-1), (index.numel(), c), self.blocksize, absmax=q.block_absmax_at(blocks))
-        return dequantize_nf4(sub, dtype=dtype or self.compute_dtype)
+        return dequantize_nf4(self.nf4_weight().take_rows(index), dtype=dtype or self.compute_dtype)
 
     def slice(self, start: int, stop: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The decoded rows [start, stop) -> (stop - start, C)."""
